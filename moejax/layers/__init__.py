@@ -1,0 +1,14 @@
+"""Flax NNX layers and the dispatch engines they run on."""
+
+from moejax.layers.dispatch import ENGINES
+from moejax.layers.dispatch import ExpertWeights
+from moejax.layers.dispatch import run_engine
+from moejax.layers.experts import Experts
+from moejax.layers.experts import expert_ffn
+from moejax.layers.ffn import DenseFFN
+from moejax.layers.moe import MoEAux
+from moejax.layers.moe import MoELayer
+from moejax.layers.moe import MoELosses
+from moejax.layers.moe import ROUTERS
+from moejax.layers.moe import RouterBias
+from moejax.layers.soft_moe import SoftMoELayer
