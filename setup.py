@@ -15,6 +15,8 @@ INSTALL_REQUIRES = [
     "tensorflow-datasets==4.9.10",
     "grain==0.2.18",
     "array-record==0.8.6",
+    # Bundles the 8x8 digits: moejax.data's embedded image dataset.
+    "scikit-learn==1.9.1",
     "numpy>=2.0",
 ]
 
