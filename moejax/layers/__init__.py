@@ -12,3 +12,10 @@ from moejax.layers.moe import MoELosses
 from moejax.layers.moe import ROUTERS
 from moejax.layers.moe import RouterBias
 from moejax.layers.soft_moe import SoftMoELayer
+from moejax.layers.transformer import LayerNorm
+from moejax.layers.transformer import MultiHeadAttention
+from moejax.layers.transformer import RMSNorm
+from moejax.layers.transformer import TransformerBlock
+from moejax.layers.transformer import apply_rope
+from moejax.layers.transformer import stack_aux
+from moejax.layers.transformer import total_aux_loss

@@ -249,9 +249,9 @@ def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
     <dtype>[G, S, M].
   """
   gmm_fn = gmm_fn or gmm_lib.gmm
+  layout = dropless_layout(plan, tile)
   g, s, m = x_GSM.shape
   k = plan.expert_GSK.shape[-1]
-  layout = dropless_layout(plan, tile)
   token_R = jnp.where(layout.assignment_R < g * s * k,
                       layout.assignment_R // k, g * s)
   in_RM = gather_rows(x_GSM.reshape(g * s, m), token_R,

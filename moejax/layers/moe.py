@@ -157,6 +157,20 @@ class MoELayer(nnx.Module):
     dropless_tile, gmm_impl: dropless engine options ('scan' or
       'ragged_dot'; or a gmm callable, e.g. from moejax.pallas).
     dtype, param_dtype: compute and parameter dtypes (router math is float32).
+    mesh, expert_parallel: expert parallelism (moejax.sharding). Both None
+      (default): the layer runs as written, on whatever devices its inputs
+      are. Both given: `mesh` is a jax.sharding.Mesh with Auto axes (build it
+      with moejax.sharding.make_mesh) and `expert_parallel` is 'shard_map'
+      (jax.shard_map + all_to_all; any engine) or 'gspmd' (sharding
+      constraints on the expert buffers; einsum and indices engines). Token
+      groups are split over `token_axes`, experts over 'expert', H over
+      'tensor'; each device routes its own groups. Results equal the
+      unsharded layer's. See docs/sharding.md.
+    token_axes: mesh axes the token groups are split over; default the
+      mesh's data, fsdp and expert axes.
+    dropless_collective: how the dropless engine moves rows under expert
+      parallelism: 'auto' (ragged_all_to_all on GPU/TPU, padded all_to_all
+      on CPU), 'ragged' or 'padded'.
     rngs: nnx.Rngs ('params' for init; 'router' stream for jitter/noise).
   """
 
@@ -172,7 +186,8 @@ class MoELayer(nnx.Module):
                shared_hidden_dim=None, residual_hidden_dim=0,
                residual_mix="sum", causal=False, allow_non_causal=False,
                dropless_tile=128, gmm_impl="scan", dtype=jnp.float32,
-               param_dtype=jnp.float32, rngs):
+               param_dtype=jnp.float32, mesh=None, expert_parallel=None,
+               token_axes=None, dropless_collective="auto", rngs):
     _check_int("model_dim", model_dim, 1)
     _check_int("hidden_dim", hidden_dim, 1)
     _check_int("num_experts", num_experts, 1)
@@ -244,6 +259,11 @@ class MoELayer(nnx.Module):
         gmm_impl]
     self.dtype = dtype
     self.deterministic = False
+    self.mesh = self.expert_parallel = self.token_axes = None
+    self.dropless_collective = dropless_collective
+    if mesh is not None or expert_parallel is not None:
+      self.set_expert_parallel(mesh, expert_parallel, token_axes=token_axes,
+                               dropless_collective=dropless_collective)
 
     e, m = num_experts, model_dim
     router_init = nnx.initializers.variance_scaling(
@@ -273,6 +293,47 @@ class MoELayer(nnx.Module):
         second_expert_policy == "random")
     self.rngs = rngs.fork() if needs_rng else None
 
+  def set_expert_parallel(self, mesh, expert_parallel, *, token_axes=None,
+                          dropless_collective="auto"):
+    """Turns expert parallelism on (mesh and mode) or off (both None).
+
+    See the class docstring for the arguments; raises ValueError for an
+    impossible combination (e.g. E neither a multiple nor a divisor of the
+    expert axis size, dropless with 'gspmd').
+    """
+    if (mesh is None) != (expert_parallel is None):
+      raise ValueError("mesh and expert_parallel go together: give both (e.g. "
+                       "expert_parallel='shard_map') or neither; got mesh="
+                       f"{mesh!r}, expert_parallel={expert_parallel!r}")
+    if mesh is not None:
+      from moejax.sharding import expert_parallel as ep_lib  # no import cycle
+      from moejax.sharding import ragged as ragged_lib
+      ep_lib.check_engine_mode(self.engine, expert_parallel)
+      ep_lib.expert_layout(mesh, self.num_experts, hidden_dim=self.hidden_dim,
+                           token_axes=token_axes)
+      ragged_lib.resolve_collective(dropless_collective,
+                                    mesh.devices.flat[0].platform)
+    self.mesh = mesh
+    self.expert_parallel = expert_parallel
+    self.token_axes = None if token_axes is None else tuple(token_axes)
+    self.dropless_collective = dropless_collective
+
+  def _expert_layout(self):
+    """The moejax.sharding ExpertLayout, or None without expert parallelism."""
+    if self.expert_parallel is None:
+      return None
+    from moejax.sharding import expert_parallel as ep_lib
+    return ep_lib.expert_layout(self.mesh, self.num_experts,
+                                hidden_dim=self.hidden_dim,
+                                token_axes=self.token_axes)
+
+  def _per_group(self, router_fn, layout):
+    """router_fn, run on each device's own groups under expert parallelism."""
+    if layout is None:
+      return router_fn
+    from moejax.sharding import expert_parallel as ep_lib
+    return ep_lib.group_local(router_fn, layout)
+
   def layer_capacity(self, group_size, deterministic):
     """C for this call (None for the dropless engine)."""
     if self.engine == "dropless":
@@ -289,14 +350,16 @@ class MoELayer(nnx.Module):
         group_size, self.num_experts, k=k, capacity_factor=cf,
         min_capacity=self.min_capacity, multiple_of=self.capacity_multiple_of)
 
-  def _route(self, x_GSM, mask_GS, token_ids_GS, capacity, deterministic):
+  def _route(self, x_GSM, mask_GS, token_ids_GS, capacity, deterministic,
+             layout=None):
     """Returns (plan, logits_GSE or None, extra losses dict)."""
     extra = {}
+    local = lambda fn: self._per_group(fn, layout)
     if self.router == "hash":
       if token_ids_GS is None:
         raise ValueError("router 'hash' needs token_ids_BL (the token ids of "
                          "the input), got None")
-      plan = routing.hash_routing(token_ids_GS, self.num_experts,
+      plan = local(routing.hash_routing)(token_ids_GS, self.num_experts,
                                   capacity=capacity, k=self.k,
                                   padding_mask_GS=mask_GS, seed=self.hash_seed)
       return plan, None, extra
@@ -309,21 +372,21 @@ class MoELayer(nnx.Module):
     if self.router == "token_choice":
       rng = (self.rngs.router() if self.second_expert_policy == "random"
              else None)
-      plan = routing.token_choice(
+      plan = local(routing.token_choice)(
           logits_GSE, k=self.k, capacity=capacity,
           batch_prioritized=self.batch_prioritized, padding_mask_GS=mask_GS,
           gating=self.gating, renormalize=self.renormalize,
           second_expert_policy=self.second_expert_policy, rng=rng,
           routed_scaling_factor=self.routed_scaling_factor)
     elif self.router == "expert_choice":
-      plan = routing.expert_choice(logits_GSE, capacity=capacity,
+      plan = local(routing.expert_choice)(logits_GSE, capacity=capacity,
                                    padding_mask_GS=mask_GS)
     elif self.router == "balanced":
-      plan = routing.balanced_assignment(
+      plan = local(routing.balanced_assignment)(
           logits_GSE, capacity=capacity, train=not deterministic,
           num_iters=self.sinkhorn_iters, padding_mask_GS=mask_GS)
     elif self.router == "deepseek":
-      plan = routing.aux_free_bias_route(
+      plan = local(routing.aux_free_bias_route)(
           logits_GSE, self.router_bias_E[...], k=self.k, capacity=capacity,
           gating=self.gating if self.gating != "softmax" else "sigmoid",
           num_expert_groups=self.num_expert_groups,
@@ -340,7 +403,7 @@ class MoELayer(nnx.Module):
       noise_logits_GSE = jnp.einsum("GSM,ME->GSE", xr_GSM,
                                     self.w_noise_ME[...])
       rng = None if deterministic else self.rngs.router()
-      plan = routing.noisy_top_k(
+      plan = local(routing.noisy_top_k)(
           logits_GSE, noise_logits_GSE, k=self.k, capacity=capacity, rng=rng,
           train=not deterministic, padding_mask_GS=mask_GS)
       noisy_GSE, std_GSE = routing.noisy_logits(
@@ -386,15 +449,26 @@ class MoELayer(nnx.Module):
     if token_ids_BL is not None:
       token_ids_GS = jnp.pad(token_ids_BL.reshape(-1), (0, pad)).reshape(g, s)
     capacity = self.layer_capacity(s, det)
+    layout = self._expert_layout()
+    if layout is not None:  # token groups split over the token axes
+      from moejax.sharding import expert_parallel as ep_lib
+      x_GSM = ep_lib.constrain_groups(x_GSM, layout)
     plan, logits_GSE, extra = self._route(x_GSM, mask_GS, token_ids_GS,
-                                          capacity, det)
+                                          capacity, det, layout)
 
     x_GSM = x_GSM.astype(self.dtype)
     weights = dispatch_lib.ExpertWeights(*self.experts.weights())
     kwargs = ({"tile": self.dropless_tile, "gmm_fn": self.gmm_fn}
               if self.engine == "dropless" else {})
-    y_GSM = dispatch_lib.run_engine(self.engine, plan, x_GSM, weights,
-                                    self.activation, **kwargs)
+    if layout is None:
+      y_GSM = dispatch_lib.run_engine(self.engine, plan, x_GSM, weights,
+                                      self.activation, **kwargs)
+    else:
+      if self.engine == "dropless":
+        kwargs["collective"] = self.dropless_collective
+      y_GSM = ep_lib.run_engine_ep(
+          self.engine, plan, x_GSM, weights, self.activation, mesh=self.mesh,
+          mode=self.expert_parallel, token_axes=self.token_axes, **kwargs)
     if self.shared is not None:
       y_GSM = y_GSM + self.shared(x_GSM)
     if self.residual is not None:

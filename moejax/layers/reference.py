@@ -22,6 +22,10 @@ def _one_expert(x_M, weights, e, activation):
 def reference_moe(plan, x_GSM, weights, activation, *, dropless=False):
   """y[g, s] = sum over the token's kept assignments of weight * expert(x).
 
+  A plain loop over every (group, token, choice) of a token-choice plan, or
+  every (group, expert, slot) of an expert-choice plan, running one expert on
+  one token at a time. Indices may be traced, so it also runs under jit.
+
   Args:
     plan: RoutingPlan (any kind).
     x_GSM: [G, S, M].
@@ -32,36 +36,35 @@ def reference_moe(plan, x_GSM, weights, activation, *, dropless=False):
     [G, S, M], differentiable w.r.t. x, weights and the plan's weights.
   """
   g_count, s_count, _ = x_GSM.shape
+  e_count = plan.num_experts
   rows = []
   for g in range(g_count):
     if plan.has_token_view and (plan.slot_GSK is not None or dropless
                                 or plan.is_dropless):
-      expert = np.asarray(plan.expert_GSK[g])
-      slot = None if plan.slot_GSK is None else np.asarray(plan.slot_GSK[g])
       row = []
       for s in range(s_count):
         y = jnp.zeros_like(x_GSM[g, s])
-        for k in range(expert.shape[-1]):
-          e = int(expert[s, k])
-          if e >= plan.num_experts:
-            continue  # padding
-          if not dropless and slot is not None and slot[s, k] >= plan.capacity:
-            continue  # dropped
-          y = y + plan.weight_GSK[g, s, k] * _one_expert(x_GSM[g, s], weights,
-                                                         e, activation)
+        for k in range(plan.expert_GSK.shape[-1]):
+          e = plan.expert_GSK[g, s, k]
+          used = e < e_count  # not padding
+          if not dropless and plan.slot_GSK is not None:
+            used &= plan.slot_GSK[g, s, k] < plan.capacity  # not dropped
+          out = _one_expert(x_GSM[g, s], weights,
+                            jnp.minimum(e, e_count - 1), activation)
+          y = y + jnp.where(used, plan.weight_GSK[g, s, k], 0.0) * out
         row.append(y)
       rows.append(jnp.stack(row))
     else:  # slot view only (expert choice)
-      token = np.asarray(plan.token_GEC[g])
-      ys = [jnp.zeros_like(x_GSM[g, 0]) for _ in range(s_count)]
-      for e in range(token.shape[0]):
-        for c in range(token.shape[1]):
-          s = int(token[e, c])
-          if s >= s_count:
-            continue  # empty slot
-          ys[s] = ys[s] + plan.weight_GEC[g, e, c] * _one_expert(
-              x_GSM[g, s], weights, e, activation)
-      rows.append(jnp.stack(ys))
+      y_SM = jnp.zeros_like(x_GSM[g])
+      for e in range(e_count):
+        for c in range(plan.capacity):
+          s = plan.token_GEC[g, e, c]
+          filled = s < s_count
+          s_safe = jnp.minimum(s, s_count - 1)
+          out = _one_expert(x_GSM[g, s_safe], weights, e, activation)
+          y_SM = y_SM.at[s_safe].add(
+              jnp.where(filled, plan.weight_GEC[g, e, c], 0.0) * out)
+      rows.append(y_SM)
   return jnp.stack(rows)
 
 

@@ -1,0 +1,217 @@
+"""Every engine against the slow per-token reference: outputs and gradients."""
+
+import functools
+
+import hypothesis
+from hypothesis import strategies as st
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from moejax import routing
+from moejax.layers import dispatch
+from moejax.layers import gmm as gmm_lib
+from moejax.layers import reference
+
+G, S, M, H, E = 2, 8, 4, 6, 4
+
+
+def _params(key, activation, e=E, m=M, h=H):
+  ks = jax.random.split(key, 5)
+  w = dispatch.ExpertWeights(
+      jax.random.normal(ks[0], (e, m, h)) / np.sqrt(m),
+      jax.random.normal(ks[1], (e, h, m)) / np.sqrt(h),
+      (jax.random.normal(ks[2], (e, m, h)) / np.sqrt(m)
+       if activation in ("swiglu", "geglu") else None))
+  x = jax.random.normal(ks[3], (G, S, m))
+  w_router = jax.random.normal(ks[4], (m, e))
+  return x, w, w_router
+
+
+def _route(router, x, w_router, *, k, capacity):
+  logits = jnp.einsum("GSM,ME->GSE", x.astype(jnp.float32), w_router)
+  if router == "expert_choice":
+    return routing.expert_choice(logits, capacity=capacity)
+  return routing.token_choice(logits, k=k, capacity=capacity)
+
+
+def _loss_fn(engine, router, activation, k, capacity, use_reference):
+  def loss(x, w, w_router):
+    plan = _route(router, x, w_router, k=k, capacity=capacity)
+    if use_reference:
+      y = reference.reference_moe(plan, x, w, activation)
+    else:
+      y = dispatch.run_engine(engine, plan, x, w, activation,
+                              **({"tile": 4} if engine == "dropless" else {}))
+    # A non-linear read-out so every output element has its own cotangent.
+    return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(M)), y
+  return loss
+
+
+CASES = [
+    ("einsum", "token_choice", 1, 2), ("einsum", "token_choice", 2, 3),
+    ("indices", "token_choice", 1, 2), ("indices", "token_choice", 2, 3),
+    ("indices", "token_choice", 3, 4), ("dropless", "token_choice", 2, None),
+    ("einsum", "expert_choice", 1, 3), ("indices", "expert_choice", 1, 3),
+]
+
+
+@pytest.mark.parametrize("engine,router,k,capacity,activation", [
+    case + (act,) for case in CASES for act in ("relu", "swiglu")] + [
+        ("indices", "token_choice", 2, 3, "gelu"),
+        ("dropless", "token_choice", 2, None, "geglu")])
+def test_engine_matches_reference_f32(engine, router, k, capacity, activation):
+  x, w, w_router = _params(jax.random.key(0), activation)
+  fast = jax.jit(jax.value_and_grad(
+      _loss_fn(engine, router, activation, k, capacity, False),
+      argnums=(0, 1, 2), has_aux=True))
+  slow = jax.jit(jax.value_and_grad(
+      _loss_fn(engine, router, activation, k, capacity, True),
+      argnums=(0, 1, 2), has_aux=True))
+  (_, y), grads = fast(x, w, w_router)
+  (_, y_ref), grads_ref = slow(x, w, w_router)
+  np.testing.assert_allclose(y, y_ref, atol=1e-5, rtol=1e-5)
+  for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_ref)):
+    np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
+  if capacity is not None and router == "token_choice":
+    # The case must exercise drops, or the capacity path is untested.
+    plan = _route(router, x, w_router, k=k, capacity=capacity)
+    assert not bool(jnp.all(plan.kept_GSK())), "no assignment dropped"
+
+
+@pytest.mark.parametrize("engine", ["einsum", "indices", "dropless"])
+def test_engine_matches_reference_bf16(engine):
+  x, w, w_router = _params(jax.random.key(1), "swiglu")
+  cap = None if engine == "dropless" else 3
+  plan = _route("token_choice", x, w_router, k=2, capacity=cap)
+  cast = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
+  y = jax.jit(functools.partial(
+      dispatch.run_engine, engine, activation="swiglu",
+      **({"tile": 4} if engine == "dropless" else {})))(
+          plan, cast(x), weights=cast(w))
+  assert y.dtype == jnp.bfloat16
+  y_ref = reference.reference_moe(plan, x, w, "swiglu")
+  np.testing.assert_allclose(y.astype(jnp.float32), y_ref, atol=5e-2,
+                             rtol=5e-2)
+
+
+def test_one_expert_equals_dense_ffn():
+  x, w, w_router = _params(jax.random.key(2), "relu", e=1)
+  plan = _route("token_choice", x, w_router, k=1, capacity=S)
+  for engine in ("einsum", "indices", "dropless"):
+    y = dispatch.run_engine(engine, plan, x, w, "relu",
+                            **({"tile": 4} if engine == "dropless" else {}))
+    dense = reference.reference_dense_ffn(x.reshape(-1, M), w.w_in_EMH[0],
+                                          w.w_out_EHM[0]).reshape(x.shape)
+    # One expert, softmax over one logit: weight exactly 1.
+    np.testing.assert_allclose(y, dense, atol=1e-5, rtol=1e-5)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(seed=st.integers(0, 2**16), k=st.integers(1, 3),
+                  cap=st.integers(1, 5))
+def test_dropped_assignments_contribute_zero(seed, k, cap):
+  x, w, w_router = _params(jax.random.key(seed), "relu")
+  plan = _route("token_choice", x, w_router, k=k, capacity=cap)
+  y = dispatch.run_engine("indices", plan, x, w, "relu")
+  # Zeroing the weights of dropped assignments changes nothing...
+  kept = plan.kept_GSK()
+  y2 = dispatch.run_engine("indices", plan.replace(
+      weight_GSK=jnp.where(kept, plan.weight_GSK, 0.0)), x, w, "relu")
+  np.testing.assert_allclose(y, y2, atol=1e-6)
+  # ...and a token with every assignment dropped gets exactly zero output.
+  none_kept = ~np.asarray(kept).any(-1)
+  assert np.all(np.asarray(y)[none_kept] == 0)
+
+
+@hypothesis.settings(max_examples=8)
+@hypothesis.given(seed=st.integers(0, 2**16), k=st.integers(1, 3),
+                  tile=st.sampled_from([1, 3, 4, 16]))
+def test_dropless_equals_capacity_when_capacity_covers_worst_case(seed, k,
+                                                                  tile):
+  x, w, w_router = _params(jax.random.key(seed), "gelu")
+  logits = jnp.einsum("GSM,ME->GSE", x, w_router)
+  full = routing.token_choice(logits, k=k, capacity=S)  # worst case: C = S
+  dropless = routing.token_choice(logits, k=k, capacity=None)
+  assert bool(jnp.all(full.kept_GSK()))
+  y_cap = dispatch.run_engine("indices", full, x, w, "gelu")
+  y_drop = dispatch.run_engine("dropless", dropless, x, w, "gelu", tile=tile)
+  np.testing.assert_allclose(y_cap, y_drop, atol=1e-5, rtol=1e-5)
+
+
+def test_dropless_ragged_dot_impl_matches_scan():
+  x, w, w_router = _params(jax.random.key(3), "relu")
+  plan = _route("token_choice", x, w_router, k=2, capacity=None)
+  a = dispatch.run_engine("dropless", plan, x, w, "relu", tile=4)
+  b = dispatch.run_engine("dropless", plan, x, w, "relu", tile=4,
+                          gmm_fn=gmm_lib.ragged_dot_gmm)
+  np.testing.assert_allclose(a, b, atol=1e-5)
+
+
+@hypothesis.settings(max_examples=10)
+@hypothesis.given(sizes=st.lists(st.integers(0, 9), min_size=1, max_size=5),
+                  tile=st.sampled_from([1, 2, 4]))
+def test_gmm_matches_per_group_matmul(sizes, tile):
+  # Groups (including empty ones) padded to the tile, as the engine lays out.
+  padded = [-(-n // tile) * tile for n in sizes]
+  r = max(tile, -(-sum(padded) // tile) * tile + tile)
+  e = len(sizes)
+  rng = np.random.default_rng(sum(sizes))
+  lhs = np.zeros((r, 3), np.float32)
+  rhs = rng.normal(size=(e, 3, 5)).astype(np.float32)
+  want = np.zeros((r, 5), np.float32)
+  start = 0
+  for g, (n, p) in enumerate(zip(sizes, padded)):
+    lhs[start:start + n] = rng.normal(size=(n, 3))
+    want[start:start + n] = lhs[start:start + n] @ rhs[g]
+    start += p
+  gs = jnp.asarray(padded, jnp.int32)
+  out = gmm_lib.gmm(jnp.asarray(lhs), jnp.asarray(rhs), gs, tile=tile)
+  np.testing.assert_allclose(out, want, atol=1e-5)
+  # Gradients against the same computation written densely per group.
+  def dense(lhs, rhs):
+    rows = []
+    start = 0
+    for g, p in enumerate(padded):
+      rows.append(lhs[start:start + p] @ rhs[g])
+      start += p
+    rows.append(jnp.zeros((r - start, 5)))
+    return jnp.concatenate(rows)
+  ct = jnp.asarray(rng.normal(size=(r, 5)), jnp.float32)
+  g1 = jax.grad(lambda a, b: jnp.sum(gmm_lib.gmm(a, b, gs, tile=tile) * ct),
+                argnums=(0, 1))(jnp.asarray(lhs), jnp.asarray(rhs))
+  g2 = jax.grad(lambda a, b: jnp.sum(dense(a, b) * ct), argnums=(0, 1))(
+      jnp.asarray(lhs), jnp.asarray(rhs))
+  for a, b in zip(g1, g2):
+    np.testing.assert_allclose(a, b, atol=1e-4)
+
+
+def test_gather_rows_backward_is_the_adjoint():
+  # out[i] = table[idx[i]]; inv lists, per row, where it was read.
+  table = jnp.arange(12.0).reshape(4, 3)
+  idx = jnp.array([2, 0, 4, 2], jnp.int32)          # 4 = N: a zero row
+  inv = jnp.array([[1, 4], [4, 4], [0, 3], [4, 4]], jnp.int32)  # 4 = I: unused
+  out = dispatch.gather_rows(table, idx, inv)
+  np.testing.assert_array_equal(out[2], 0)
+  ct = jnp.arange(12.0).reshape(4, 3) + 1
+  g = jax.grad(lambda t: jnp.sum(dispatch.gather_rows(t, idx, inv) * ct))(
+      table)
+  want = jax.grad(lambda t: jnp.sum(
+      jnp.take(t, idx, axis=0, mode="fill", fill_value=0) * ct))(table)
+  np.testing.assert_array_equal(g, want)
+
+
+def test_engine_errors():
+  x, w, w_router = _params(jax.random.key(0), "relu")
+  plan = _route("token_choice", x, w_router, k=1, capacity=None)
+  with pytest.raises(ValueError, match="unknown engine 'fast'"):
+    dispatch.run_engine("fast", plan, x, w, "relu")
+  with pytest.raises(ValueError, match="dropless"):
+    dispatch.run_engine("indices", plan, x, w, "relu")
+  ec = _route("expert_choice", x, w_router, k=1, capacity=2)
+  with pytest.raises(ValueError, match="token-choice plan"):
+    dispatch.run_engine("dropless", ec, x, w, "relu")
+  with pytest.raises(ValueError, match="multiple of tile"):
+    gmm_lib.gmm(jnp.zeros((5, 2)), jnp.zeros((1, 2, 2)),
+                jnp.array([4]), tile=4)
