@@ -18,6 +18,12 @@ AXIS_LETTERS = {
     "K": "experts chosen per token",
     "P": "Soft MoE slots per expert",
     "T": "tokens (flattened G*S)",
+    # Attention and model heads (moejax.layers.transformer, moejax.models).
+    "N": "attention heads",
+    "D": "attention head width",
+    "J": "attended (key/value) positions; same length as L in self-attention",
+    "F": "flattened patch features (patch_h * patch_w * channels)",
+    "Y": "classes (classifier outputs)",
 }
 
 # Logical axis names used in parameter annotations; sharding rules map them

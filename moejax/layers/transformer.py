@@ -145,7 +145,8 @@ class MultiHeadAttention(nnx.Module):
     if rope_max_wavelength is not None and head_dim % 2:
       raise ValueError(f"rotary embeddings need an even head_dim, got "
                        f"{head_dim}; pass rope_max_wavelength=None to disable")
-    self.model_dim, self.num_heads, self.head_dim = model_dim, num_heads, head_dim
+    self.model_dim, self.num_heads = model_dim, num_heads
+    self.head_dim = head_dim
     self.causal = causal
     self.rope_max_wavelength = rope_max_wavelength
     self.dtype = dtype

@@ -33,7 +33,8 @@ class RoutingPlan:
     token_GEC: <int32>[G, E, C] token filling each slot; S marks empty. None
       for dropless plans.
     weight_GEC: <float32>[G, E, C] combine weight of each slot; 0 if empty.
-    expert_GSK: <int32>[G, S, K] expert of each assignment; E marks padding.
+    expert_GSK: <int32>[G, S, K] expert of each assignment; E marks no
+      assignment (padding, or a choice skipped by the random policy).
       None for expert-choice plans.
     slot_GSK: <int32>[G, S, K] slot of each assignment; C marks dropped. None
       for dropless and expert-choice plans.

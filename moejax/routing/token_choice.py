@@ -58,12 +58,13 @@ def rank_within_expert(expert_GN, num_experts):
   g, n = expert_GN.shape
   order_GN = jnp.argsort(expert_GN, axis=-1, stable=True)
   sorted_e_GN = jnp.take_along_axis(expert_GN, order_GN, axis=-1)
-  # First sorted position of each expert id (searchsorted over a sorted row).
-  start_GX = jax.vmap(lambda row: jnp.searchsorted(
-      row, jnp.arange(num_experts + 1), side="left"))(sorted_e_GN)
+  # First sorted position of each expert id = exclusive cumsum of counts.
+  g_idx = jnp.arange(g)[:, None]
+  counts_GX = jnp.zeros((g, num_experts + 1), jnp.int32).at[
+      g_idx, expert_GN].add(1, mode="drop")
+  start_GX = jnp.cumsum(counts_GX, axis=-1) - counts_GX
   rank_sorted_GN = (jnp.arange(n, dtype=jnp.int32)[None, :]
                     - jnp.take_along_axis(start_GX, sorted_e_GN, axis=-1))
-  g_idx = jnp.arange(g)[:, None]
   return jnp.zeros((g, n), jnp.int32).at[g_idx, order_GN].set(
       rank_sorted_GN.astype(jnp.int32), unique_indices=True)
 
@@ -88,6 +89,7 @@ def assign_slots(expert_GSK, weight_GSK, probs_GSE, *, capacity,
   validation.check_capacity(capacity, allow_none=True)
   expert_GSK = expert_GSK.astype(jnp.int32)
   weight_GSK = weight_GSK.astype(jnp.float32)
+  padding_mask_GS = validation.check_padding_mask(padding_mask_GS, (g, s))
   if padding_mask_GS is not None:
     expert_GSK = jnp.where(padding_mask_GS[..., None], expert_GSK, e)
     weight_GSK = jnp.where(padding_mask_GS[..., None], weight_GSK, 0.0)

@@ -1,0 +1,144 @@
+"""What the models share: MoE placement, FFN construction, FLOP matching."""
+
+import inspect
+import math
+
+from moejax.layers import ffn as ffn_lib
+from moejax.layers import moe as moe_lib
+from moejax.layers import soft_moe as soft_moe_lib
+
+# Set by the model from its own arguments; passing them in moe_layer_kwargs is
+# an error rather than a silent override.
+MODEL_OWNED_KWARGS = ("model_dim", "causal", "dtype", "param_dtype", "rngs")
+
+
+def _check_int(name, value, minimum):
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+
+
+def every_n_placement(num_layers, every):
+  """Indices of the MoE layers when MoE replaces the FFN every `every` layers.
+
+  Layer i (0-based) is MoE when (i + 1) % every == 0: every=1 -> all layers,
+  every=2 -> 1, 3, 5, ... (GShard/Switch "every other layer", V-MoE
+  "Every-2"), every=0 -> none (a dense model).
+  """
+  _check_int("num_layers", num_layers, 1)
+  _check_int("moe_every", every, 0)
+  if every == 0:
+    return ()
+  return tuple(range(every - 1, num_layers, every))
+
+
+def vmoe_placement(num_layers, num_moe):
+  """V-MoE "Last-n" placement: the last `num_moe` even layers.
+
+  "Even" counts layers from 1 as the V-MoE paper does, so the 0-based
+  indices are odd: vmoe_placement(12, 2) == (9, 11), vmoe_placement(8, 2) ==
+  (5, 7); num_moe larger than num_layers // 2 gives every other layer.
+  """
+  _check_int("num_layers", num_layers, 1)
+  _check_int("num_moe", num_moe, 0)
+  if num_moe == 0:
+    return ()
+  return tuple(range(1, num_layers, 2))[-num_moe:]
+
+
+def check_layer_indices(moe_layers, num_layers):
+  """Validates explicit MoE layer indices; returns them as a sorted tuple."""
+  out = []
+  for i in moe_layers:
+    if isinstance(i, bool) or not isinstance(i, int) or not (
+        0 <= i < num_layers):
+      raise ValueError(f"moe_layers entries must be integers in [0, "
+                       f"{num_layers}), got {i!r} in {tuple(moe_layers)}")
+    out.append(i)
+  if len(set(out)) != len(out):
+    raise ValueError(f"moe_layers has duplicates: {tuple(moe_layers)}")
+  return tuple(sorted(out))
+
+
+def check_moe_kwargs(moe_layer_kwargs):
+  """Returns a copy of moe_layer_kwargs, rejecting the model-owned keys."""
+  if moe_layer_kwargs is None:
+    raise ValueError("the model has MoE layers but moe_layer_kwargs is None; "
+                     "pass at least {'num_experts': E}")
+  if not isinstance(moe_layer_kwargs, dict):
+    raise ValueError(f"moe_layer_kwargs must be a dict of MoE layer "
+                     f"arguments, got {type(moe_layer_kwargs).__name__}")
+  owned = sorted(set(moe_layer_kwargs) & set(MODEL_OWNED_KWARGS))
+  if owned:
+    raise ValueError(f"moe_layer_kwargs must not set {owned}: the model sets "
+                     f"them from its own arguments")
+  if "num_experts" not in moe_layer_kwargs:
+    raise ValueError("moe_layer_kwargs needs 'num_experts'")
+  return dict(moe_layer_kwargs)
+
+
+def build_ffn(*, is_moe, soft_moe, model_dim, mlp_dim, activation,
+              moe_layer_kwargs, causal, dtype, param_dtype, rngs):
+  """DenseFFN, MoELayer or SoftMoELayer for one block.
+
+  MoE layers get hidden_dim = mlp_dim and the model's activation unless
+  moe_layer_kwargs sets them; every other key of moe_layer_kwargs goes to
+  the layer's constructor as is.
+  """
+  kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+  if not is_moe:
+    return ffn_lib.DenseFFN(model_dim, mlp_dim, activation=activation, **kw)
+  layer_kwargs = dict(moe_layer_kwargs)
+  hidden_dim = layer_kwargs.pop("hidden_dim", mlp_dim)
+  num_experts = layer_kwargs.pop("num_experts")
+  layer_kwargs.setdefault("activation", activation)
+  cls = soft_moe_lib.SoftMoELayer if soft_moe else moe_lib.MoELayer
+  allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
+  unknown = sorted(set(layer_kwargs) - allowed)
+  if unknown:
+    raise ValueError(f"moe_layer_kwargs has arguments {unknown} that "
+                     f"{cls.__name__} does not take; allowed: "
+                     f"{sorted(allowed - set(MODEL_OWNED_KWARGS))}")
+  return cls(model_dim, hidden_dim, num_experts, causal=causal,
+             **layer_kwargs, **kw)
+
+
+def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,
+                               shared_hidden_dim=None, *,
+                               residual_hidden_dim=0, moe_every=1,
+                               mlp_dim=None):
+  """The dense FFN width whose matmul FLOPs equal an MoE model's active ones.
+
+  Per token an MoE layer runs k experts of width H plus its always-on dense
+  parts, so the matched width is k*H + num_shared*H_shared + H_residual
+  (activation-independent: gated activations scale both sides by 3/2).
+  Router FLOPs (2*M*E per token) are left out; they are small.
+
+  With moe_every = N > 1 the MoE model also has dense layers of width
+  mlp_dim; a dense model of uniform width then matches the total FLOPs with
+  ((N - 1) * mlp_dim + matched) / N (exact when N divides num_layers).
+
+  For expert choice pass k = capacity_factor (the average number of experts
+  per token).
+
+  Args:
+    hidden_dim: H, each routed expert's width.
+    k: experts per token (may be fractional for expert choice).
+    num_shared_experts, shared_hidden_dim: shared experts (width defaults
+      to hidden_dim, as MoELayer).
+    residual_hidden_dim: MoELayer's residual dense branch width.
+    moe_every, mlp_dim: as DecoderLM; mlp_dim is needed when moe_every > 1.
+  Returns:
+    int width (rounded to nearest).
+  """
+  _check_int("hidden_dim", hidden_dim, 1)
+  if isinstance(k, bool) or not isinstance(k, (int, float)) or not k > 0:
+    raise ValueError(f"k must be a number > 0, got {k!r}")
+  _check_int("num_shared_experts", num_shared_experts, 0)
+  _check_int("moe_every", moe_every, 1)
+  matched = (k * hidden_dim + num_shared_experts * (
+      shared_hidden_dim or hidden_dim) + residual_hidden_dim)
+  if moe_every > 1:
+    if mlp_dim is None:
+      raise ValueError("moe_every > 1 needs mlp_dim (the dense layers' width)")
+    matched = ((moe_every - 1) * mlp_dim + matched) / moe_every
+  return int(math.floor(matched + 0.5))

@@ -1,0 +1,168 @@
+"""Decoder-only language model with MoE FFNs every N layers."""
+
+from typing import Optional
+
+from flax import nnx
+import jax.numpy as jnp
+
+from moejax import notation as nt
+from moejax.layers import params as params_lib
+from moejax.layers import transformer as tfm
+from moejax.models import common
+
+
+class DecoderLM(nnx.Module):
+  """Causal decoder-only LM: embed -> blocks -> RMSNorm -> logits.
+
+  Blocks are pre-norm (RMSNorm), causal multi-head attention with rotary
+  positions, and an FFN that is a DenseFFN, or an MoELayer in the layers
+  chosen by `moe_every` / `moe_layers`.
+
+  Example (top-2 of 8 experts every other layer, and its dense twin):
+    moe = DecoderLM(256, 128, 4, 4, 512, moe_every=2,
+                    moe_layer_kwargs=dict(num_experts=8, k=2,
+                                          router='token_choice',
+                                          engine='indices',
+                                          capacity_factor=1.25),
+                    rngs=nnx.Rngs(0))
+    width = flop_matched_dense_mlp_dim(512, 2, moe_every=2, mlp_dim=512)
+    dense = DecoderLM(256, 128, 4, 4, width, moe_every=0, rngs=nnx.Rngs(0))
+    logits_BLV, aux = moe(tokens_BL)
+
+  Causality: MoE layers are built with causal=True, so routers that read
+  later tokens (expert_choice, balanced, batch_prioritized, Soft MoE) raise
+  ValueError unless moe_layer_kwargs has allow_non_causal=True. Token choice
+  is causal when nothing is dropped (the dropless engine, or capacity >= the
+  group size) and for k=1 with any capacity (slots are claimed in token
+  order). With k > 1 and a finite capacity, slots are claimed choice-major
+  (every token's 1st choice before any 2nd choice), so a later token's 1st
+  choice can drop an earlier token's 2nd choice at training time: a small
+  leak, as in GShard. Groups longer than one sequence (group_size > L) also
+  let earlier sequences of the batch take capacity from later ones.
+
+  Args:
+    vocab_size: V.
+    model_dim: M.
+    num_layers: number of blocks.
+    num_heads: N; head_dim D defaults to M // N.
+    mlp_dim: width of the dense FFNs, and the default expert width.
+    moe_every: MoE replaces the FFN of layer i when (i + 1) % moe_every == 0
+      (1 = every layer, 2 = layers 1, 3, ...; 0 = a dense model).
+    moe_layers: explicit 0-based MoE layer indices, overriding moe_every.
+    moe_layer_kwargs: dict of MoELayer (or SoftMoELayer) constructor
+      arguments, passed through as is, e.g. {'num_experts': 8, 'k': 2,
+      'router': 'token_choice', 'engine': 'dropless', 'num_shared_experts':
+      1}. 'hidden_dim' defaults to mlp_dim and 'activation' to the model's.
+      model_dim, causal, dtype, param_dtype and rngs come from the model and
+      must not be in it. Ignored when no layer is MoE.
+    soft_moe: SoftMoELayer instead of MoELayer (non-causal: needs
+      allow_non_causal=True in moe_layer_kwargs).
+    head_dim: D.
+    activation: FFN activation (relu, gelu, swiglu, geglu).
+    tie_embeddings: logits = h @ embed^T * M^-0.5 (the T5 scaling); otherwise a
+      separate w_unembed_MV.
+    rope_max_wavelength: RoPE base.
+    norm_eps: RMSNorm epsilon.
+    dtype, param_dtype: compute and parameter dtypes; logits are float32.
+    rngs: nnx.Rngs ('params'; MoE layers may also use 'router').
+  Parameters: embed_VM [V, M] (vocab, embed); blocks; final_norm;
+    w_unembed_MV [M, V] (embed, vocab) when untied.
+  """
+
+  def __init__(self, vocab_size, model_dim, num_layers, num_heads, mlp_dim, *,
+               moe_every=0, moe_layers=None, moe_layer_kwargs=None,
+               soft_moe=False, head_dim=None, activation="swiglu",
+               tie_embeddings=True, rope_max_wavelength=10_000.0,
+               norm_eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs):
+    for name, value in (("vocab_size", vocab_size), ("model_dim", model_dim),
+                        ("num_layers", num_layers), ("num_heads", num_heads),
+                        ("mlp_dim", mlp_dim)):
+      common._check_int(name, value, 1)
+    params_lib.check_activation(activation)
+    if moe_layers is None:
+      moe_layers = common.every_n_placement(num_layers, moe_every)
+    else:
+      moe_layers = common.check_layer_indices(moe_layers, num_layers)
+    if moe_layers:
+      moe_layer_kwargs = common.check_moe_kwargs(moe_layer_kwargs)
+    self.vocab_size, self.model_dim = vocab_size, model_dim
+    self.num_layers, self.num_heads = num_layers, num_heads
+    self.mlp_dim = mlp_dim
+    self.moe_every = moe_every
+    self.moe_layers = tuple(moe_layers)
+    self.moe_layer_kwargs = (dict(moe_layer_kwargs) if moe_layers else None)
+    self.soft_moe = soft_moe
+    self.activation = activation
+    self.tie_embeddings = tie_embeddings
+    self.dtype = dtype
+
+    self.embed_VM = params_lib.param(
+        rngs, nnx.initializers.normal(1.0), (vocab_size, model_dim),
+        (nt.VOCAB, nt.EMBED), param_dtype)
+    blocks = []
+    for i in range(num_layers):
+      ffn = common.build_ffn(
+          is_moe=i in self.moe_layers, soft_moe=soft_moe, model_dim=model_dim,
+          mlp_dim=mlp_dim, activation=activation,
+          moe_layer_kwargs=moe_layer_kwargs, causal=True, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs)
+      # The MoE layer has already checked causality (and honoured its own
+      # allow_non_causal); the block need not repeat it.
+      blocks.append(tfm.TransformerBlock(
+          model_dim, num_heads, ffn=ffn, head_dim=head_dim, causal=True,
+          allow_non_causal=True, rope_max_wavelength=rope_max_wavelength,
+          norm="rmsnorm", norm_eps=norm_eps, dtype=dtype,
+          param_dtype=param_dtype, rngs=rngs))
+    self.blocks = nnx.List(blocks)
+    self.final_norm = tfm.RMSNorm(model_dim, eps=norm_eps, dtype=dtype,
+                                  param_dtype=param_dtype, rngs=rngs)
+    self.w_unembed_MV = (None if tie_embeddings else params_lib.param(
+        rngs, nnx.initializers.variance_scaling(1.0, "fan_in",
+                                                "truncated_normal"),
+        (model_dim, vocab_size), (nt.EMBED, nt.VOCAB), param_dtype))
+
+  def __call__(self, tokens_BL, *, padding_mask_BL=None, positions_BL=None,
+               segment_ids_BL=None, deterministic: Optional[bool] = None):
+    """Next-token logits.
+
+    Args:
+      tokens_BL: <int32>[B, L] token ids in [0, V).
+      padding_mask_BL: optional <bool>[B, L], False at padding (not attended,
+        takes no expert slot, not in aux losses/metrics).
+      positions_BL: optional <int32>[B, L] RoPE positions (default 0..L-1).
+      segment_ids_BL: optional <int32>[B, L]; attention stays within equal
+        ids (packed documents). MoE groups are not split by segment.
+      deterministic: evaluation mode for the MoE layers; None = each layer's
+        `deterministic` attribute, which model.eval() / model.train() set.
+    Returns:
+      (logits_BLV <float32>[B, L, V], aux): aux is the MoE layers' MoEAux
+      stacked along a leading axis [len(self.moe_layers)] in layer order
+      (stack_aux), or None for a dense model (no MoE layers).
+    """
+    if getattr(tokens_BL, "ndim", None) != 2 or not jnp.issubdtype(
+        tokens_BL.dtype, jnp.integer):
+      raise ValueError(f"tokens_BL must be an integer array [B, L], got "
+                       f"{getattr(tokens_BL, 'dtype', None)}"
+                       f"{getattr(tokens_BL, 'shape', None)}")
+    x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
+    auxes = []
+    for block in self.blocks:
+      x_BLM, aux = block(x_BLM, padding_mask_BL=padding_mask_BL,
+                         segment_ids_BL=segment_ids_BL,
+                         positions_BL=positions_BL, token_ids_BL=tokens_BL,
+                         deterministic=deterministic)
+      if aux is not None:
+        auxes.append(aux)
+    h_BLM = self.final_norm(x_BLM)
+    if self.tie_embeddings:
+      logits_BLV = jnp.einsum("BLM,VM->BLV", h_BLM,
+                              self.embed_VM[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+      logits_BLV = logits_BLV.astype(jnp.float32) * self.model_dim ** -0.5
+    else:
+      logits_BLV = jnp.einsum("BLM,MV->BLV", h_BLM,
+                              self.w_unembed_MV[...].astype(self.dtype),
+                              preferred_element_type=jnp.float32)
+      logits_BLV = logits_BLV.astype(jnp.float32)
+    return logits_BLV, tfm.stack_aux(auxes)
