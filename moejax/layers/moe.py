@@ -129,7 +129,9 @@ class MoELayer(nnx.Module):
     model_dim, hidden_dim, num_experts: M, H, E.
     k: experts per token (token-choice routers).
     router: one of ROUTERS.
-    engine: 'einsum', 'indices' or 'dropless' (dropless ignores capacity).
+    engine: 'einsum', 'indices' or 'dropless' (dropless ignores capacity);
+      'pallas' is the dropless engine on the moejax.pallas kernels (permute,
+      grouped matmul, unpermute); the layer then reports engine 'dropless'.
     capacity_factor, eval_capacity_factor: training / evaluation capacity
       factors (eval defaults to the training one); K is in the formula.
     capacity: explicit C per expert per group, overriding the factors.
@@ -154,8 +156,11 @@ class MoELayer(nnx.Module):
     causal: the layer sits in a causal decoder; routers that read later
       tokens (expert_choice, balanced at train time, batch_prioritized) raise
       unless allow_non_causal=True.
-    dropless_tile, gmm_impl: dropless engine options ('scan' or
-      'ragged_dot'; or a gmm callable, e.g. from moejax.pallas).
+    dropless_tile, gmm_impl: dropless engine options ('scan',
+      'ragged_dot', 'pallas'; or a gmm callable).
+    pallas_backend: kernels for engine='pallas' / gmm_impl='pallas': 'auto'
+      (GPU -> triton, TPU -> mosaic, CPU -> the XLA paths) or any of
+      moejax.pallas.BACKENDS (e.g. 'triton_interpret' in tests).
     dtype, param_dtype: compute and parameter dtypes (router math is float32).
     mesh, expert_parallel: expert parallelism (moejax.sharding). Both None
       (default): the layer runs as written, on whatever devices its inputs
@@ -185,13 +190,17 @@ class MoELayer(nnx.Module):
                sinkhorn_iters=20, hash_seed=0, num_shared_experts=0,
                shared_hidden_dim=None, residual_hidden_dim=0,
                residual_mix="sum", causal=False, allow_non_causal=False,
-               dropless_tile=128, gmm_impl="scan", dtype=jnp.float32,
+               dropless_tile=128, gmm_impl="scan", pallas_backend="auto",
+               dtype=jnp.float32,
                param_dtype=jnp.float32, mesh=None, expert_parallel=None,
                token_axes=None, dropless_collective="auto", rngs):
     _check_int("model_dim", model_dim, 1)
     _check_int("hidden_dim", hidden_dim, 1)
     _check_int("num_experts", num_experts, 1)
     validation.check_choice("router", router, ROUTERS)
+    # engine='pallas' is the dropless engine with the moejax.pallas kernels.
+    self.pallas_backend = pallas_backend if engine == "pallas" else None
+    engine = "dropless" if engine == "pallas" else engine
     dispatch_lib.check_engine(engine)
     params_lib.check_activation(activation)
     validation.check_k(k, num_experts)
@@ -209,7 +218,8 @@ class MoELayer(nnx.Module):
                             SECOND_EXPERT_POLICIES)
     _check_int("dropless_tile", dropless_tile, 1)
     if not callable(gmm_impl):
-      validation.check_choice("gmm_impl", gmm_impl, dispatch_lib.GMM_IMPLS)
+      validation.check_choice("gmm_impl", gmm_impl,
+                              (*dispatch_lib.GMM_IMPLS, "pallas"))
     if router == "expert_choice" and engine == "dropless":
       raise ValueError("engine 'dropless' needs a token-choice router; "
                        "router 'expert_choice' fills fixed slots: use engine "
@@ -255,8 +265,12 @@ class MoELayer(nnx.Module):
     self.hash_seed = hash_seed
     self.residual_mix = residual_mix
     self.dropless_tile = dropless_tile
-    self.gmm_fn = gmm_impl if callable(gmm_impl) else dispatch_lib.GMM_IMPLS[
-        gmm_impl]
+    if self.pallas_backend is not None or gmm_impl == "pallas":
+      from moejax import pallas  # lazy: pallas imports moejax.layers
+      self.gmm_fn = pallas.make_gmm_fn(pallas.resolve_backend(pallas_backend))
+    else:
+      self.gmm_fn = gmm_impl if callable(gmm_impl) else (
+          dispatch_lib.GMM_IMPLS[gmm_impl])
     self.dtype = dtype
     self.deterministic = False
     self.mesh = self.expert_parallel = self.token_axes = None
@@ -460,7 +474,12 @@ class MoELayer(nnx.Module):
     weights = dispatch_lib.ExpertWeights(*self.experts.weights())
     kwargs = ({"tile": self.dropless_tile, "gmm_fn": self.gmm_fn}
               if self.engine == "dropless" else {})
-    if layout is None:
+    if layout is None and self.pallas_backend is not None:
+      from moejax import pallas
+      y_GSM = pallas.pallas_dropless_engine(
+          plan, x_GSM, weights, self.activation, tile=self.dropless_tile,
+          backend=self.pallas_backend)
+    elif layout is None:
       y_GSM = dispatch_lib.run_engine(self.engine, plan, x_GSM, weights,
                                       self.activation, **kwargs)
     else:
