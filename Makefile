@@ -15,8 +15,10 @@ $(STAMP): setup.py
 
 install: $(STAMP)
 
+# The main job: train the default MoE LM on the embedded stdlib corpus (built
+# on first use) on CPU; rerunning resumes from workdirs/lm_stdlib.
 run: $(STAMP)
-	$(PY) -m experiments.demo
+	$(PY) -m experiments.train --config=experiments/configs/lm_stdlib.py --workdir=workdirs/lm_stdlib
 
 test: $(STAMP)
 	$(PY) -m pytest -n 2 -q tests

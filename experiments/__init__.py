@@ -1,0 +1,1 @@
+"""moejax experiments: absl apps (train.py) and ml_collections configs."""

@@ -1,0 +1,55 @@
+r"""Trains a model from an ml_collections config: the one training app.
+
+  python -m experiments.train --config=experiments/configs/lm_stdlib.py \
+      --workdir=workdirs/lm_stdlib [--config.moe.num_experts=16 ...]
+
+`--config=path:arg` passes `arg` to the file's get_config (e.g.
+`lm_stdlib.py:dense`). The config is locked: `--config.<field>=value`
+overrides an existing field; a misspelt field fails at launch. Running again
+with the same --workdir resumes from its newest checkpoint. See
+docs/training.md.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs",
+                               "lm_stdlib.py")
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", default=_DEFAULT_CONFIG,
+    help_string="Config file (path[:arg]); fields override with "
+    "--config.<field>=<value>.", lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Output directory: checkpoints, metrics, config.json. "
+    "Resumes from it if it holds checkpoints.", required=True)
+
+
+def _setup_devices(num_cpu_devices):
+  """Virtual CPU devices, set before jax starts its backends."""
+  import jax  # pylint: disable=g-import-not-at-top
+  if num_cpu_devices:
+    jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  config = _CONFIG.value
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every save at INFO
+  _setup_devices(config.get("num_cpu_devices", 0))
+  from moejax import train  # pylint: disable=g-import-not-at-top
+  try:
+    train.train_and_evaluate(config, _WORKDIR.value)
+  except train.TrainingDivergedError as e:
+    sys.exit(f"training stopped: {e}")
+
+
+if __name__ == "__main__":
+  app.run(main)

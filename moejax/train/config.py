@@ -1,0 +1,108 @@
+"""The fields train_and_evaluate reads, and helpers for config files.
+
+A config file (experiments/configs/*.py) starts from `base_config()`, fills
+in task, data, model and moe, and parses its `get_config(arg)` argument with
+`parse_arg`. Nothing here reads flags.
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def parse_arg(arg, **choices):
+  """Parses get_config's arg: comma-separated `key=value` or bare values.
+
+  `choices` maps each key to its allowed values, the first being the
+  default. A bare value selects the key whose choices contain it:
+  parse_arg('dense,size=smoke', variant=('moe', 'dense'),
+  size=('small', 'smoke')) == {'variant': 'dense', 'size': 'smoke'}.
+
+  Raises:
+    ValueError: an unknown key or value, naming what is allowed.
+  """
+  out = {key: values[0] for key, values in choices.items()}
+  for part in (arg or "").split(","):
+    part = part.strip()
+    if not part:
+      continue
+    if "=" in part:
+      key, value = (s.strip() for s in part.split("=", 1))
+      if key not in choices:
+        raise ValueError(f"config arg {part!r}: unknown key {key!r}; allowed "
+                         f"keys: {sorted(choices)}")
+    else:
+      value = part
+      keys = [k for k, values in choices.items() if value in values]
+      if not keys:
+        allowed = {k: list(v) for k, v in choices.items()}
+        raise ValueError(f"config arg {part!r} is not a value of any key: "
+                         f"{allowed}")
+      key = keys[0]
+    if value not in choices[key]:
+      raise ValueError(f"config arg {part!r}: {key} must be one of "
+                       f"{list(choices[key])}, got {value!r}")
+    out[key] = value
+  return out
+
+
+def base_config():
+  """A ConfigDict with every field moejax.train reads besides the task's.
+
+  A config file sets: task ('lm' or 'classification'); data (dataset,
+  train_split, eval_split, ...: see moejax.train.loop.make_datasets); model
+  (name: 'decoder_lm' or 'vit', then the model's constructor arguments);
+  moe (MoELayer / SoftMoELayer arguments; None values are left to the
+  layer's defaults).
+  """
+  c = ml_collections.ConfigDict()
+  c.task = "lm"
+  c.seed = 0                # model init and data order
+  # PRNG of the model's nnx.Rngs: 'rbg' compiles the sharded initialisation
+  # several times faster than jax's default 'threefry2x32' on CPU (27 s vs
+  # 6 s for a tiny MoE LM on a loaded 2-core machine); '' = jax's default.
+  c.prng_impl = "rbg"
+  c.num_train_steps = 100
+  c.batch_size = 16         # global batch (examples per step)
+  c.eval_batch_size = config_dict.placeholder(int)  # None: batch_size
+  c.eval_every = 0          # steps between evals; 0: only at the end
+  c.eval_steps = 8          # eval batches; 0: the whole (finite) eval split
+  c.log_every = 1           # metrics fetched and written every N steps
+  c.checkpoint_every = 100  # steps between checkpoints (and the last step)
+  c.max_checkpoints_to_keep = 3
+  c.async_checkpointing = True
+  # Stop (with a checkpoint) after this many steps in one invocation; the
+  # next invocation resumes. 0: run to num_train_steps.
+  c.stop_after_steps = 0
+  c.optimizer = ml_collections.ConfigDict(dict(
+      learning_rate=3e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
+      weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0))
+  # Weights of the MoE aux losses (moejax.layers.MoELosses fields), summed
+  # over MoE layers and added to the task loss.
+  c.aux_loss_weights = ml_collections.ConfigDict(dict(
+      load_balance=1e-2, z_loss=1e-3, importance=0.0, load=0.0,
+      sequence_balance=0.0))
+  # Mesh axis sizes (moejax.sharding.make_mesh; one may be -1).
+  c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, expert=1,
+                                          tensor=1))
+  c.expert_parallel = ""    # '' (off), 'shard_map' or 'gspmd'
+  # Virtual CPU devices experiments/train.py asks jax for when it runs on
+  # CPU (0: jax's default of one). Read before jax starts; not by the loop.
+  c.num_cpu_devices = 0
+  c.baseline_workdir = ""   # a finished run whose summary is shown beside
+                            # (relative to the current directory)
+  return c
+
+
+def sweep_flags(point, config_path):
+  """One sweep point as experiments/train.py flags.
+
+  A point is {'moe.k': 2, ...} (config fields) and optionally 'config_arg'
+  (get_config's arg): sweep_flags({'config_arg': 'dense', 'seed': 1},
+  'experiments/configs/lm_stdlib.py') == ['--config=experiments/configs/
+  lm_stdlib.py:dense', '--config.seed=1'].
+  """
+  point = dict(point)
+  arg = point.pop("config_arg", None)
+  flags = [f"--config={config_path}" + (f":{arg}" if arg else "")]
+  flags += [f"--config.{key}={value}" for key, value in point.items()]
+  return flags

@@ -1,0 +1,460 @@
+"""The training loop: `train_and_evaluate(config, workdir)`.
+
+Reads an ml_collections ConfigDict (see experiments/configs/ for the fields)
+passed in explicitly; no flags here. What one run writes into `workdir`:
+
+    config.json          the full config
+    checkpoints/<step>/  orbax checkpoints (state, data position, meta)
+    metrics.jsonl        one JSON object per logged step (train) and per eval
+    tensorboard/         TensorBoard event files (the same metrics)
+    summary.json         the final numbers (also printed)
+
+Starting again with the same workdir resumes from the newest checkpoint:
+parameters, optimizer state, model RNG streams, step and the data iterator's
+position are restored, so the run continues as if never stopped.
+"""
+
+import itertools
+import json
+import math
+import os
+import sys
+import time
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from moejax import data as data_lib
+from moejax import models
+from moejax import sharding as sharding_lib
+from moejax.train import checkpoint as ckpt_lib
+from moejax.train import optim
+from moejax.train import state as state_lib
+from moejax.train import step as step_lib
+from moejax.train import writers as writers_lib
+
+MODELS = {"decoder_lm": models.DecoderLM, "vit": models.ViTClassifier}
+TASKS = ("lm", "classification")
+# Metrics checked every logged step; a non-finite value stops the run.
+FINITE_METRICS = ("loss", "grad_norm")
+
+
+class TrainingDivergedError(FloatingPointError):
+  """A loss or gradient became NaN or Inf."""
+
+
+
+
+# ------------------------------------------------------------- builders
+
+
+def _config_dict(value):
+  return value.to_dict() if hasattr(value, "to_dict") else dict(value)
+
+
+def moe_layer_kwargs(config):
+  """config.moe as MoELayer kwargs: None-valued fields are left to the
+  layer's defaults."""
+  if "moe" not in config or config.moe is None:
+    return None
+  return {k: v for k, v in _config_dict(config.moe).items() if v is not None}
+
+
+def model_kwargs(config):
+  """config.model (minus 'name') as constructor kwargs; dtype names become
+  jnp dtypes and config.moe becomes moe_layer_kwargs."""
+  kwargs = {k: v for k, v in _config_dict(config.model).items()
+            if k != "name" and v is not None}
+  for key in ("dtype", "param_dtype"):
+    if key in kwargs:
+      try:
+        kwargs[key] = jnp.dtype(kwargs[key])
+      except TypeError:
+        raise ValueError(f"config.model.{key}={kwargs[key]!r} is not a dtype "
+                         f"name (e.g. 'float32', 'bfloat16')") from None
+  moe = moe_layer_kwargs(config)
+  if moe is not None:
+    kwargs["moe_layer_kwargs"] = moe
+  return kwargs
+
+
+def model_factory(config):
+  """() -> the model of config.model.name, seeded with config.seed (keys of
+  config.prng_impl)."""
+  name = config.model.name
+  if name not in MODELS:
+    raise ValueError(f"config.model.name={name!r}; allowed: {sorted(MODELS)}")
+  cls = MODELS[name]
+  kwargs = model_kwargs(config)
+  seed = int(config.seed)
+  impl = config.get("prng_impl") or None
+
+  def factory():
+    return cls(**kwargs, rngs=nnx.Rngs(jax.random.key(seed, impl=impl)))
+  return factory
+
+
+def make_task(config, model):
+  if config.task == "lm":
+    return step_lib.LMTask()
+  if config.task == "classification":
+    return step_lib.ClassificationTask(
+        tokens_per_example=int(getattr(model, "num_tokens", 1)))
+  raise ValueError(f"config.task={config.task!r}; allowed: {list(TASKS)}")
+
+
+def make_datasets(config):
+  """(train IterDataset, eval IterDataset or None) for config.task."""
+  d = config.data
+  common = dict(dataset=d.dataset, data_dir=d.get("data_dir"),
+                seed=int(config.seed))
+  eval_bs = config.get("eval_batch_size") or config.batch_size
+  if config.task == "lm":
+    lm = dict(seq_len=d.seq_len, max_files=d.get("max_files"), **common)
+    if d.get("validation_fraction") is not None:
+      lm["validation_fraction"] = d.validation_fraction
+    train = data_lib.make_lm_dataset(
+        global_batch_size=config.batch_size, split=d.train_split,
+        shuffle_buffer_size=d.get("shuffle_buffer_size", 1024), **lm)
+    evals = (data_lib.make_lm_dataset(
+        global_batch_size=eval_bs, split=d.eval_split, shuffle=False, **lm)
+             if d.get("eval_split") else None)
+  elif config.task == "classification":
+    train = data_lib.make_image_dataset(
+        global_batch_size=config.batch_size, split=d.train_split, **common)
+    evals = (data_lib.make_image_dataset(
+        global_batch_size=eval_bs, split=d.eval_split, shuffle=False,
+        num_epochs=1, **common) if d.get("eval_split") else None)
+  else:
+    raise ValueError(f"config.task={config.task!r}; allowed: {list(TASKS)}")
+  return train, evals
+
+
+def _check_positive(config, name, minimum=1):
+  value = config.get(name)
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise ValueError(f"config.{name} must be an integer >= {minimum}, got "
+                     f"{value!r}")
+
+
+def validate_config(config):
+  """Cheap checks before anything is built (more in issue 8)."""
+  for name in ("batch_size", "num_train_steps"):
+    _check_positive(config, name)
+  for name in ("eval_every", "checkpoint_every", "eval_steps"):
+    _check_positive(config, name, 0)
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}; allowed: {list(TASKS)}")
+  if config.task == "lm" and config.data.get("eval_split") and (
+      not config.eval_steps):
+    raise ValueError("config.eval_steps must be >= 1 for task 'lm': the LM "
+                     "eval stream repeats, so it has no natural end")
+  step_lib.moe_lib.MoELosses.zeros().weighted_sum(
+      _config_dict(config.aux_loss_weights))
+
+
+# ------------------------------------------------------------- metrics
+
+
+def _flatten_metrics(metrics, moe_layer_ids, prefix):
+  """Host metrics -> {name: float or list}; per-layer arrays get one entry
+  per MoE layer, named by the layer's block index."""
+  out = {}
+  for name, value in metrics.items():
+    value = np.asarray(value)
+    if name.startswith("moe/"):
+      metric = name[len("moe/"):]
+      for i, layer in enumerate(moe_layer_ids):
+        v = value[i]
+        out[f"{prefix}moe/layer{layer}/{metric}"] = (
+            [float(x) for x in v] if v.ndim else float(v))
+    else:
+      out[prefix + name] = float(value)
+  return out
+
+
+def _layer_table(window, moe_layer_ids, prefix="train/"):
+  """Per-layer rows averaged over `window` (a list of flat metric dicts)."""
+  rows = []
+  for layer in moe_layer_ids:
+    base = f"{prefix}moe/layer{layer}/"
+    loads = np.mean([m[base + "expert_load"] for m in window], axis=0)
+    rows.append(dict(
+        layer=int(layer), expert_load=[float(x) for x in loads],
+        dropped_fraction=float(np.mean(
+            [m[base + "dropped_fraction"] for m in window])),
+        router_entropy=float(np.mean(
+            [m[base + "router_entropy"] for m in window])),
+        max_over_mean_load=float(np.mean(
+            [m[base + "max_over_mean_load"] for m in window]))))
+  return rows
+
+
+def format_summary(summary, baseline=None):
+  """The end-of-run text: losses, perplexity/accuracy, the MoE table."""
+  lines = [f"=== summary ({summary['workdir']}) ==="]
+  lines.append(f"steps {summary['step']}  tokens {summary['tokens_seen']:,}  "
+               f"train time {summary['train_time_s']:.1f}s  "
+               f"({summary['tokens_per_sec']:.0f} tokens/s after compile)")
+
+  def numbers(s):
+    parts = [f"train loss {s.get('train_ce_loss', float('nan')):.4f}"]
+    if "eval_ce_loss" in s:
+      parts.append(f"validation loss {s['eval_ce_loss']:.4f}")
+    if "eval_perplexity" in s:
+      parts.append(f"perplexity {s['eval_perplexity']:.3f}")
+    if s.get("task") == "classification" and "eval_accuracy" in s:
+      parts.append(f"accuracy {s['eval_accuracy']:.2%}")
+    return "  ".join(parts)
+
+  lines.append(numbers(summary))
+  if baseline:
+    lines.append(f"baseline ({baseline.get('workdir', '?')}, "
+                 f"{baseline.get('step')} steps): {numbers(baseline)}")
+  if summary.get("moe_layers"):
+    lines.append("MoE layers (train, mean of the last "
+                 f"{summary['window']} steps):")
+    lines.append("  layer  dropped  entropy  max/mean  expert load (%)")
+    for row in summary["moe_layers"]:
+      load = " ".join(f"{100 * x:4.1f}" for x in row["expert_load"])
+      lines.append(f"  {row['layer']:>5}  {row['dropped_fraction']:7.2%}  "
+                   f"{row['router_entropy']:7.3f}  "
+                   f"{row['max_over_mean_load']:8.2f}  {load}")
+  return "\n".join(lines)
+
+
+# ------------------------------------------------------------- the loop
+
+
+def train_and_evaluate(config, workdir, *, stream=None):
+  """Trains config's model on config's data, evaluating and checkpointing;
+  resumes from workdir's newest checkpoint if there is one.
+
+  Args:
+    config: ml_collections.ConfigDict (see experiments/configs/lm_stdlib.py).
+    workdir: output directory (created if needed).
+    stream: where the progress bar and summary go (default sys.stdout).
+  Returns:
+    The summary dict (also written to workdir/summary.json).
+  Raises:
+    TrainingDivergedError: loss or gradient norm not finite; names the step
+      and the metric. Checkpoints saved before that step stay intact.
+    ValueError: invalid config.
+  """
+  validate_config(config)
+  stream = stream or sys.stdout
+
+  def _print(text):
+    print(text, file=stream, flush=True)
+  workdir = os.path.abspath(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  is_main = jax.process_index() == 0
+  if is_main:
+    ckpt_lib.save_config(config, workdir)
+
+  total_steps = int(config.num_train_steps)
+  mesh = state_lib.make_train_mesh(config.mesh)
+  rules = sharding_lib.make_rules(_config_dict(config.get("sharding_rules")
+                                               or {}))
+  schedule = optim.make_schedule(
+      learning_rate=config.optimizer.learning_rate, total_steps=total_steps,
+      warmup_steps=config.optimizer.warmup_steps,
+      end_learning_rate_fraction=config.optimizer.end_learning_rate_fraction)
+  tx = optim.make_optimizer(
+      schedule, weight_decay=config.optimizer.weight_decay,
+      b1=config.optimizer.b1, b2=config.optimizer.b2,
+      eps=config.optimizer.eps, grad_clip_norm=config.optimizer.grad_clip_norm)
+  graphdef, state, model = state_lib.create_train_state(
+      model_factory(config), tx, mesh, rules=rules,
+      expert_parallel=config.get("expert_parallel") or None)
+  task = make_task(config, model)
+  seq_len = config.data.get("seq_len") if config.task == "lm" else None
+  counts = models.count_params(model)
+  flops = models.flops_per_token(model, seq_len)
+  moe_layer_ids = tuple(model.moe_layers)
+  del model  # its arrays now live in `state`
+  _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} "
+         f"{jax.devices()[0].platform} devices; expert_parallel="
+         f"{config.get('expert_parallel') or None}")
+
+  aux_weights = _config_dict(config.aux_loss_weights)
+  shardings = state_lib.state_shardings(state)
+  train_step = step_lib.make_train_step(graphdef, task, tx, schedule,
+                                        aux_weights, state_shardings=shardings)
+  eval_step = step_lib.make_eval_step(graphdef, task, aux_weights)
+
+  train_ds, eval_ds = make_datasets(config)
+  train_iter = iter(train_ds)
+  bsharding = data_lib.batch_sharding(mesh, state_lib.batch_axes(mesh, rules))
+
+  ckpt = ckpt_lib.Checkpointer(
+      os.path.join(workdir, "checkpoints"),
+      max_to_keep=config.max_checkpoints_to_keep,
+      async_save=config.get("async_checkpointing", True))
+  start_step, tokens_seen = 0, 0
+  restored = ckpt.restore_latest(state, train_iter)
+  if restored is not None:
+    state, meta, start_step = restored
+    tokens_seen = int(meta.get("tokens_seen", 0))
+    _print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}, "
+           f"{tokens_seen:,} tokens)")
+  # Describe after the restore message so the header is the same either way.
+  _print(models.describe(nnx.merge(graphdef, state.params, state.model_state),
+                         seq_len))
+
+  writer = None
+  if is_main:
+    jsonl = writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+    jsonl.truncate_after(start_step)
+    tb = writers_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+    if start_step:
+      tb.session_start(start_step + 1)
+    writer = writers_lib.MultiWriter([jsonl, tb])
+  bar = writers_lib.ProgressBar(total_steps, initial=start_step,
+                                stream=stream, enabled=is_main)
+
+  eval_batches = None
+
+  def run_eval(step):
+    nonlocal eval_batches
+    if eval_ds is None:
+      return {}
+    if eval_batches is None:
+      it = iter(eval_ds)
+      n = config.eval_steps or None
+      eval_batches = [data_lib.make_global_batch(b, bsharding)
+                      for b in itertools.islice(it, n)]
+    m = step_lib.evaluate(eval_step, state, eval_batches)
+    flat = _flatten_metrics(m, moe_layer_ids, "eval/")
+    if config.task == "lm" and "eval/ce_loss" in flat:
+      flat["eval/perplexity"] = float(math.exp(min(flat["eval/ce_loss"], 50)))
+    if writer is not None:
+      writer.write(step, flat)
+      writer.flush()
+    shown = {k[len("eval/"):]: v for k, v in flat.items()
+             if k in ("eval/ce_loss", "eval/perplexity", "eval/accuracy")}
+    bar.write(f"eval @ {step}: " + "  ".join(
+        f"{k} {v:.4f}" for k, v in shown.items()))
+    return flat
+
+  window = []            # recent flat train metrics, for the summary
+  window_size = max(1, min(50, total_steps // 10 or 1))
+  log_every = max(1, int(config.get("log_every", 1)))
+  train_time = 0.0       # seconds of steps after the first (compile) one
+  timed_tokens = 0
+  last_eval = {}
+
+  def process(pending):
+    """Fetches one step's metrics (waiting for the step), checks, writes."""
+    nonlocal train_time, timed_tokens, last_time, last_tokens, compiled
+    step, metrics, seen = pending
+    host = jax.device_get(metrics)
+    now = time.monotonic()
+    for name in FINITE_METRICS:
+      value = float(host[name])
+      if not math.isfinite(value):
+        ckpt.wait()
+        raise TrainingDivergedError(
+            f"step {step}: {name} is {value}; stopping. Checkpoints so far "
+            f"are intact (latest: step {ckpt.latest_step()} in "
+            f"{ckpt.directory}).")
+    dt, tokens = now - last_time, seen - last_tokens
+    last_time, last_tokens = now, seen
+    if compiled:
+      train_time += dt
+      timed_tokens += tokens
+    compiled = True
+    flat = _flatten_metrics(host, moe_layer_ids, "train/")
+    flat["train/step_time"] = dt * tokens_per_step / max(tokens, 1)
+    flat["train/tokens_per_sec"] = tokens / dt if dt > 0 else 0.0
+    flat["train/tokens_seen"] = float(seen)
+    if writer is not None:
+      writer.write(step, flat)
+    window.append(flat)
+    del window[:-window_size]
+    bar.update(step, {"loss": flat["train/ce_loss"],
+                      "lr": flat["train/learning_rate"],
+                      "tok/s": int(flat["train/tokens_per_sec"])})
+
+  last_time, last_tokens, compiled = time.monotonic(), tokens_seen, False
+  tokens_per_step = 1
+  pending = None
+  try:
+    stop_after = int(config.get("stop_after_steps", 0) or 0)
+    end_step = (min(total_steps, start_step + stop_after) if stop_after
+                else total_steps)
+    for i in range(start_step, end_step):
+      step = i + 1  # the number of updates once this one is applied
+      batch = data_lib.make_global_batch(next(train_iter), bsharding)
+      tokens_per_step = task.tokens(batch)
+      tokens_seen += tokens_per_step
+      state, metrics = train_step(state, batch)
+      if pending is not None:  # fetch the previous step while this one runs
+        process(pending)
+        pending = None
+      due_ckpt = bool(config.checkpoint_every and
+                      step % config.checkpoint_every == 0) or (
+                          step == end_step)
+      due_eval = bool(config.eval_every and step % config.eval_every == 0) or (
+          step == total_steps)
+      if step % log_every == 0 or due_ckpt or due_eval:
+        pending = (step, metrics, tokens_seen)
+      if due_ckpt or due_eval:
+        # Check this step's numbers before its state is saved or evaluated.
+        process(pending)
+        pending = None
+        if due_eval:
+          last_eval = run_eval(step)
+        if due_ckpt:
+          ckpt.save(step, state, train_iter, {"tokens_seen": tokens_seen,
+                                              "config": _config_dict(config)})
+        last_time = time.monotonic()  # eval/ckpt time is not step time
+    if pending is not None:
+      process(pending)
+      pending = None
+    if start_step >= total_steps:  # nothing left to train: evaluate only
+      last_eval = run_eval(int(jax.device_get(state.step)))
+  finally:
+    bar.close()
+    ckpt.close()
+    if writer is not None:
+      writer.close()
+
+  if not window and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
+    # Nothing trained in this invocation (the run had finished): summarise
+    # the last steps logged.
+    window = [r for r in writers_lib.read_jsonl(
+        os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
+    window = window[-window_size:]
+  summary = dict(
+      workdir=workdir, task=config.task, step=int(jax.device_get(state.step)),
+      tokens_seen=tokens_seen, train_time_s=train_time,
+      tokens_per_sec=timed_tokens / train_time if train_time else 0.0,
+      params_total=counts["total"], params_active=counts["active"],
+      flops_per_token=flops, window=len(window))
+  if window:
+    for key in ("ce_loss", "loss", "accuracy"):
+      summary[f"train_{key}"] = float(np.mean(
+          [m[f"train/{key}"] for m in window]))
+    summary["moe_layers"] = _layer_table(window, moe_layer_ids)
+  old_summary = os.path.join(workdir, "summary.json")
+  if not train_time and os.path.exists(old_summary):
+    # Nothing trained in this invocation: keep the timing of the run.
+    with open(old_summary) as f:
+      old = json.load(f)
+    for key in ("train_time_s", "tokens_per_sec"):
+      summary[key] = old.get(key, summary[key])
+  for key in ("ce_loss", "loss", "perplexity", "accuracy"):
+    if f"eval/{key}" in last_eval:
+      summary[f"eval_{key}"] = last_eval[f"eval/{key}"]
+  baseline = None
+  base_dir = config.get("baseline_workdir")
+  if base_dir and os.path.exists(os.path.join(base_dir, "summary.json")):
+    with open(os.path.join(base_dir, "summary.json")) as f:
+      baseline = json.load(f)
+  if is_main:
+    ckpt_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
+    _print(format_summary(summary, baseline))
+  return summary

@@ -1,0 +1,192 @@
+"""Tasks (LM, classification), the loss, and the jitted train and eval steps.
+
+The loss of one batch is
+
+    loss = task loss (masked mean cross-entropy)
+           + sum over MoE layers of sum_name weights[name] * aux.losses.<name>
+
+with the weights a {name: float} dict over MoELosses fields (load_balance,
+z_loss, importance, load, sequence_balance); see
+moejax.layers.total_aux_loss and MoELosses.weighted_sum.
+"""
+
+import dataclasses
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import optax
+
+from moejax.layers import moe as moe_lib
+from moejax.layers import transformer as tfm
+
+AUX_LOSS_NAMES = tuple(moe_lib.MoELosses.__dataclass_fields__)
+
+
+def masked_cross_entropy(logits_XV, labels_X, mask_X=None):
+  """Mean over unmasked positions of -log softmax(logits)[label].
+
+  Args:
+    logits_XV: <float32>[..., V].
+    labels_X: <int>[...] in [0, V).
+    mask_X: optional <bool or float>[...] weights (0 = ignored).
+  Returns:
+    (mean loss <float32>[], mean accuracy <float32>[], weight sum <float32>[]).
+  """
+  logits_XV = logits_XV.astype(jnp.float32)
+  ce_X = optax.softmax_cross_entropy_with_integer_labels(logits_XV, labels_X)
+  correct_X = (jnp.argmax(logits_XV, -1) == labels_X).astype(jnp.float32)
+  w_X = (jnp.ones_like(ce_X) if mask_X is None else
+         mask_X.astype(jnp.float32))
+  denom = jnp.maximum(jnp.sum(w_X), 1e-9)
+  return (jnp.sum(ce_X * w_X) / denom, jnp.sum(correct_X * w_X) / denom,
+          jnp.sum(w_X))
+
+
+@dataclasses.dataclass(frozen=True)
+class LMTask:
+  """Next-token prediction on {'inputs', 'targets'} <int32>[B, L] (and an
+  optional 'mask' [B, L]: 0 = not in the loss)."""
+  name: str = "lm"
+
+  def forward(self, model, batch, deterministic):
+    return model(batch["inputs"], deterministic=deterministic)
+
+  def loss(self, logits, batch):
+    ce, acc, weight = masked_cross_entropy(logits, batch["targets"],
+                                           batch.get("mask"))
+    return ce, {"accuracy": acc, "weight": weight}
+
+  def tokens(self, batch):
+    return int(batch["inputs"].shape[0] * batch["inputs"].shape[1])
+
+
+@dataclasses.dataclass(frozen=True)
+class ClassificationTask:
+  """Image classification on {'image' [B, H, W, C], 'label' <int32>[B]}.
+  tokens_per_example: the model's tokens per image (for tokens/s)."""
+  tokens_per_example: int = 1
+  name: str = "classification"
+
+  def forward(self, model, batch, deterministic):
+    return model(batch["image"], deterministic=deterministic)
+
+  def loss(self, logits, batch):
+    ce, acc, weight = masked_cross_entropy(logits, batch["label"],
+                                           batch.get("mask"))
+    return ce, {"accuracy": acc, "weight": weight}
+
+  def tokens(self, batch):
+    return int(batch["image"].shape[0] * self.tokens_per_example)
+
+
+def compute_loss(task, model, batch, aux_loss_weights, deterministic):
+  """(loss, (task metrics, stacked MoEAux or None, task loss, weighted aux))."""
+  logits, aux = task.forward(model, batch, deterministic)
+  task_loss, task_metrics = task.loss(logits, batch)
+  aux_loss = tfm.total_aux_loss(aux, aux_loss_weights)
+  return task_loss + aux_loss, (task_metrics, aux, task_loss, aux_loss)
+
+
+def _aux_metrics(aux):
+  """Per-layer routing metrics and per-name aux losses (summed over layers)."""
+  if aux is None:
+    return {}
+  out = {f"aux/{name}": jnp.sum(getattr(aux.losses, name))
+         for name in AUX_LOSS_NAMES}
+  m = aux.metrics
+  out.update({
+      "moe/expert_load": m.expert_load_E,               # [layers, E]
+      "moe/dropped_fraction": m.dropped_fraction,       # [layers]
+      "moe/router_entropy": m.router_entropy,           # [layers]
+      "moe/max_over_mean_load": m.max_over_mean_load,   # [layers]
+  })
+  return out
+
+
+def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
+                    state_shardings=None, donate=True):
+  """The jitted train step: (TrainState, batch) -> (TrainState, metrics).
+
+  Args:
+    graphdef: the model's nnx.GraphDef (static).
+    task: LMTask or ClassificationTask.
+    tx: optax.GradientTransformation (make_optimizer).
+    schedule: step -> learning rate (for the metric only).
+    aux_loss_weights: {MoELosses field: weight}; unknown names raise.
+    state_shardings: the TrainState's shardings, pinned as out_shardings so
+      parameters keep their layout step after step; None lets XLA choose.
+    donate: donate the input state's buffers (the caller must not reuse it).
+  Returns:
+    A jitted function. metrics: loss, ce_loss (task loss), aux_loss
+    (weighted), aux/<name> (unweighted, summed over layers), accuracy,
+    grad_norm (before clipping), param_norm, learning_rate, and for MoE
+    models moe/expert_load [layers, E], moe/dropped_fraction,
+    moe/router_entropy, moe/max_over_mean_load [layers].
+  """
+  weights = dict(aux_loss_weights)
+  moe_lib.MoELosses.zeros().weighted_sum(weights)  # validate names now
+
+  def train_step(state, batch):
+    def loss_fn(params):
+      model = nnx.merge(graphdef, params, state.model_state)
+      loss, extras = compute_loss(task, model, batch, weights,
+                                  deterministic=False)
+      model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+      return loss, (extras, model_state)
+
+    (loss, ((task_metrics, aux, task_loss, aux_loss), model_state)), grads = (
+        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = {
+        "loss": loss, "ce_loss": task_loss, "aux_loss": aux_loss,
+        "accuracy": task_metrics["accuracy"],
+        "grad_norm": optax.global_norm(grads),
+        "param_norm": optax.global_norm(params),
+        "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),
+    }
+    metrics.update(_aux_metrics(aux))
+    new_state = state.replace(step=state.step + 1, params=params,
+                              model_state=model_state, opt_state=opt_state)
+    return new_state, metrics
+
+  return jax.jit(train_step, donate_argnums=(0,) if donate else (),
+                 out_shardings=(state_shardings, None))
+
+
+def make_eval_step(graphdef, task, aux_loss_weights):
+  """The jitted eval step: (TrainState, batch) -> metrics of the batch.
+
+  Runs the model with deterministic=True (eval capacity factor, no noise,
+  no router-bias update); the state is not changed. Metrics: loss, ce_loss,
+  aux_loss, accuracy, weight (the number of scored positions, for
+  averaging) and the MoE metrics of make_train_step.
+  """
+  weights = dict(aux_loss_weights)
+
+  def eval_step(state, batch):
+    model = nnx.merge(graphdef, state.params, state.model_state)
+    loss, (task_metrics, aux, task_loss, aux_loss) = compute_loss(
+        task, model, batch, weights, deterministic=True)
+    metrics = {"loss": loss, "ce_loss": task_loss, "aux_loss": aux_loss,
+               **task_metrics}
+    metrics.update(_aux_metrics(aux))
+    return metrics
+
+  return jax.jit(eval_step)
+
+
+def evaluate(eval_step, state, batches):
+  """Weighted means of eval_step's metrics over `batches` (an iterable of
+  global batches); returns {} when there is none."""
+  totals, total_w = {}, 0.0
+  for batch in batches:
+    m = jax.device_get(eval_step(state, batch))
+    w = float(m.pop("weight"))
+    for k, v in m.items():
+      totals[k] = totals.get(k, 0.0) + w * v
+    total_w += w
+  if not total_w:
+    return {}
+  return {k: v / total_w for k, v in totals.items()}
