@@ -31,10 +31,16 @@ _WORKDIR = flags.DEFINE_string(
 
 
 def _setup_devices(num_cpu_devices):
-  """Virtual CPU devices, set before jax starts its backends."""
-  import jax  # pylint: disable=g-import-not-at-top
-  if num_cpu_devices:
-    jax.config.update("jax_num_cpu_devices", int(num_cpu_devices))
+  """Joins a multi-process run and sets virtual CPU devices, before JAX starts.
+
+  `moejax.sharding.initialize` starts jax.distributed when the environment
+  describes several processes (MOEJAX_COORDINATOR_ADDRESS,
+  MOEJAX_NUM_PROCESSES, MOEJAX_PROCESS_ID, or MOEJAX_DISTRIBUTED=auto on a
+  TPU slice / SLURM; docs/sharding.md) and does nothing for one process.
+  """
+  from moejax import sharding  # pylint: disable=g-import-not-at-top
+  sharding.initialize(
+      num_cpu_devices=int(num_cpu_devices) if num_cpu_devices else None)
 
 
 def main(argv):
