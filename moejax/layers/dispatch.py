@@ -9,11 +9,16 @@ Three engines give the same numbers where their semantics meet:
   back, O(T*K*M) data movement, never builds [G, S, E, C]. For token-choice
   plans both directions and both gradients are gathers (the backward of each
   gather is the gather through the inverse map the plan already holds), which
-  avoids XLA's slow serial scatter on CPU. Expert-choice plans combine with a
-  scatter-add.
+  avoids XLA's slow serial scatter on CPU; the combine is `combine_rows`, a
+  fused weighted sum of gathers. Expert-choice plans combine with a
+  scatter-add. The experts run as batched einsums (gmm.batched_ffn).
 * `dropless`: sorts the token-expert assignments by expert into tile-aligned
-  groups and runs grouped matmuls (moejax.layers.gmm or a Pallas kernel); no
-  capacity, nothing dropped.
+  groups and runs the expert FFN over them: on XLA the fused per-block FFN
+  (gmm.grouped_ffn), or three grouped matmuls of a given gmm_fn (Pallas,
+  ragged_dot); no capacity, nothing dropped.
+
+CPU timings against a FLOP-matched dense FFN: experiments/benchmark.py and
+BENCHMARKS.md.
 
 Each engine is split into dispatch and combine so that expert parallelism
 (moejax.sharding) can put its all-to-all between them.
@@ -69,11 +74,69 @@ def _gather_rows_fwd(table_NM, idx_I, inv_NJ):
 
 def _gather_rows_bwd(res, d_out_IM):
   idx_I, inv_NJ = res
-  d_table_NJM = jnp.take(d_out_IM, inv_NJ, axis=0, mode="fill", fill_value=0)
-  return d_table_NJM.sum(axis=1), None, None
+  # One take per column of the inverse map, summed (XLA fuses them into one
+  # loop; a [N, J, M] take and a sum over J is ~1.4x slower on CPU).
+  d_table_NM = jnp.take(d_out_IM, inv_NJ[:, 0], axis=0, mode="fill",
+                        fill_value=0)
+  for j in range(1, inv_NJ.shape[1]):
+    d_table_NM = d_table_NM + jnp.take(d_out_IM, inv_NJ[:, j], axis=0,
+                                       mode="fill", fill_value=0)
+  return d_table_NM, None, None
 
 
 gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
+
+
+@jax.custom_vjp
+def combine_rows(out_XM, weight_NK, row_NK, assignment_X):
+  """y[n] = sum_k weight[n, k] * out[row[n, k]], with gather backwards.
+
+  The weighted sum of each token's k expert rows, without materialising the
+  picked rows [N, K, M] for an einsum (XLA:CPU runs 'GSK,GSKM->GSM' as N tiny
+  batched matmuls) and without a scatter in the backward.
+
+  Args:
+    out_XM: <dtype>[X, M] expert output rows.
+    weight_NK: <float32>[N, K] combine weights.
+    row_NK: <int32>[N, K] row of each assignment; X (out of range) for none.
+    assignment_X: <int32>[X] the inverse map: assignment n*K + k of each
+      row, N*K where no assignment reads the row.
+  Returns:
+    <dtype>[N, M], summed in float32.
+  """
+  # One take per choice, summed: XLA fuses the k gathers into one loop.
+  y_NM = 0.0
+  for j in range(row_NK.shape[1]):
+    y_NM = y_NM + weight_NK[:, j, None].astype(jnp.float32) * jnp.take(
+        out_XM, row_NK[:, j], axis=0, mode="fill",
+        fill_value=0).astype(jnp.float32)
+  return jnp.asarray(y_NM).astype(out_XM.dtype)
+
+
+def _combine_rows_fwd(out_XM, weight_NK, row_NK, assignment_X):
+  return (combine_rows(out_XM, weight_NK, row_NK, assignment_X),
+          (out_XM, weight_NK, row_NK, assignment_X))
+
+
+def _combine_rows_bwd(res, dy_NM):
+  out_XM, weight_NK, row_NK, assignment_X = res
+  k = row_NK.shape[1]
+  dy32_NM = dy_NM.astype(jnp.float32)
+  # d_out[x] = weight of the assignment reading row x times its token's dy.
+  w_X = jnp.take(weight_NK.reshape(-1).astype(jnp.float32), assignment_X,
+                 mode="fill", fill_value=0)
+  dy_XM = jnp.take(dy32_NM, assignment_X // k, axis=0, mode="fill",
+                   fill_value=0)
+  d_out_XM = (w_X[:, None] * dy_XM).astype(out_XM.dtype)
+  # d_weight[n, j] = <dy[n], out[row[n, j]]>.
+  d_w_NK = jnp.stack([jnp.sum(jnp.take(
+      out_XM, row_NK[:, j], axis=0, mode="fill",
+      fill_value=0).astype(jnp.float32) * dy32_NM, axis=-1)
+                      for j in range(k)], axis=1)
+  return d_out_XM, d_w_NK.astype(weight_NK.dtype), None, None
+
+
+combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 # --- einsum engine ----------------------------------------------------------
@@ -160,9 +223,9 @@ def indices_combine(plan, out_EGCM, idx=None):
   out_XM = out_EGCM.reshape(e * g * c, m)
   if idx.slot_N is not None:
     k = idx.slot_N.shape[0] // (g * s)
-    picked_NM = gather_rows(out_XM, idx.slot_N, idx.assignment_X[:, None])
-    w_GSK = plan.weight_GSK.astype(out_EGCM.dtype)
-    return jnp.einsum("GSK,GSKM->GSM", w_GSK, picked_NM.reshape(g, s, k, m))
+    y_NM = combine_rows(out_XM, plan.weight_GSK.reshape(g * s, k),
+                        idx.slot_N.reshape(g * s, k), idx.assignment_X)
+    return y_NM.reshape(g, s, m)
   weighted_XM = out_XM * idx.weight_X[:, None].astype(out_XM.dtype)
   y_NM = jnp.zeros((g * s, m), out_EGCM.dtype).at[idx.token_X].add(
       weighted_XM, mode="drop")
@@ -178,8 +241,8 @@ def capacity_engine(engine, plan, x_GSM, weights, activation):
   else:
     idx = slot_indices(plan)
     in_EGCM = indices_dispatch(plan, x_GSM, idx)
-  out_EXM = experts_lib.expert_ffn(in_EGCM.reshape(e, g * c, m), *weights,
-                                   activation=activation)
+  out_EXM = gmm_lib.batched_ffn(in_EGCM.reshape(e, g * c, m), *weights,
+                                activation=activation)
   out_EGCM = out_EXM.reshape(e, g, c, m)
   if engine == "einsum":
     return einsum_combine(plan, out_EGCM)
@@ -195,10 +258,12 @@ class DroplessLayout(NamedTuple):
   row_N: <int32>[G*S*K] row of each assignment, R if padding.
   assignment_R: <int32>[R] assignment of each row, G*S*K if a padding row.
   group_sizes_E: <int32>[E] rows of each expert rounded up to the tile.
+  counts_E: <int32>[E] assignments of each expert (its rows that hold data).
   """
   row_N: jax.Array
   assignment_R: jax.Array
   group_sizes_E: jax.Array
+  counts_E: Optional[jax.Array] = None
 
 
 def dropless_num_rows(num_assignments, num_experts, tile):
@@ -225,7 +290,7 @@ def dropless_layout(plan, tile):
                     + rank_N, r).astype(jnp.int32)
   assignment_R = jnp.full((r,), n, jnp.int32).at[row_N].set(
       jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
-  return DroplessLayout(row_N, assignment_R, padded_E)
+  return DroplessLayout(row_N, assignment_R, padded_E, sizes_E)
 
 
 GMM_IMPLS = {"scan": gmm_lib.gmm, "ragged_dot": gmm_lib.ragged_dot_gmm}
@@ -244,11 +309,12 @@ def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
     activation: relu, gelu, swiglu, geglu.
     tile: rows per tile of the grouped matmul.
     gmm_fn: gmm(lhs_RM, rhs_EMH, group_sizes_E, tile=) implementation;
-      default the XLA tile scan (moejax.layers.gmm.gmm).
+      None or moejax.layers.gmm.gmm: the XLA path, which runs the whole
+      FFN per row block (moejax.layers.gmm.grouped_ffn); any other (Pallas,
+      ragged_dot) runs three grouped matmuls.
   Returns:
     <dtype>[G, S, M].
   """
-  gmm_fn = gmm_fn or gmm_lib.gmm
   layout = dropless_layout(plan, tile)
   g, s, m = x_GSM.shape
   k = plan.expert_GSK.shape[-1]
@@ -256,16 +322,22 @@ def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
                       layout.assignment_R // k, g * s)
   in_RM = gather_rows(x_GSM.reshape(g * s, m), token_R,
                       layout.row_N.reshape(g * s, k))
-  gmm_call = functools.partial(gmm_fn, group_sizes_E=layout.group_sizes_E,
-                               tile=tile)
-  h_RH = gmm_call(in_RM, weights.w_in_EMH)
-  gate_RH = None if weights.w_gate_EMH is None else gmm_call(
-      in_RM, weights.w_gate_EMH)
-  h_RH = experts_lib.activate(h_RH, gate_RH, activation)
-  out_RM = gmm_call(h_RH, weights.w_out_EHM)
-  picked_NM = gather_rows(out_RM, layout.row_N, layout.assignment_R[:, None])
-  w_GSK = plan.weight_GSK.astype(out_RM.dtype)
-  return jnp.einsum("GSK,GSKM->GSM", w_GSK, picked_NM.reshape(g, s, k, m))
+  if gmm_fn is None or gmm_fn is gmm_lib.gmm:
+    # The XLA path: the whole FFN per row block (gmm_lib.grouped_ffn).
+    out_RM = gmm_lib.grouped_ffn(
+        in_RM, weights.w_in_EMH, weights.w_out_EHM, weights.w_gate_EMH,
+        layout.group_sizes_E, tile=tile, activation=activation)
+  else:
+    gmm_call = functools.partial(gmm_fn, group_sizes_E=layout.group_sizes_E,
+                                 tile=tile)
+    h_RH = gmm_call(in_RM, weights.w_in_EMH)
+    gate_RH = None if weights.w_gate_EMH is None else gmm_call(
+        in_RM, weights.w_gate_EMH)
+    h_RH = experts_lib.activate(h_RH, gate_RH, activation)
+    out_RM = gmm_call(h_RH, weights.w_out_EHM)
+  y_NM = combine_rows(out_RM, plan.weight_GSK.reshape(g * s, k),
+                      layout.row_N.reshape(g * s, k), layout.assignment_R)
+  return y_NM.reshape(g, s, m)
 
 
 def run_engine(engine, plan, x_GSM, weights, activation, **engine_kwargs):

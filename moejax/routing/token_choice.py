@@ -45,8 +45,11 @@ def rank_within_expert(expert_GN, num_experts):
   """Position of each assignment among those sent to the same expert.
 
   Assignments are ranked in the order they appear along N (earlier first).
-  Uses a stable sort rather than a [G, N, E] one-hot cumsum, so memory is
-  O(G*N) whatever E is.
+  Uses a sort rather than a [G, N, E] one-hot cumsum, so memory is O(G*N)
+  whatever E is. The sort key packs (expert, position) into one int32
+  (expert * N + n, unique, so an unstable single-array sort gives the stable
+  order); on CPU that is ~4-5x faster than a stable argsort, which remains
+  the fallback when (E + 1) * N does not fit in int32.
 
   Args:
     expert_GN: <int32>[G, N] expert of each assignment; values in [0, E]
@@ -56,8 +59,15 @@ def rank_within_expert(expert_GN, num_experts):
     <int32>[G, N] rank of each assignment within its expert.
   """
   g, n = expert_GN.shape
-  order_GN = jnp.argsort(expert_GN, axis=-1, stable=True)
-  sorted_e_GN = jnp.take_along_axis(expert_GN, order_GN, axis=-1)
+  if (num_experts + 1) * n < 2 ** 31:
+    key_GN = (expert_GN.astype(jnp.int32) * n +
+              jnp.arange(n, dtype=jnp.int32)[None, :])
+    sorted_key_GN = jnp.sort(key_GN, axis=-1)
+    order_GN = sorted_key_GN % n
+    sorted_e_GN = sorted_key_GN // n
+  else:
+    order_GN = jnp.argsort(expert_GN, axis=-1, stable=True)
+    sorted_e_GN = jnp.take_along_axis(expert_GN, order_GN, axis=-1)
   # First sorted position of each expert id = exclusive cumsum of counts.
   g_idx = jnp.arange(g)[:, None]
   counts_GX = jnp.zeros((g, num_experts + 1), jnp.int32).at[
