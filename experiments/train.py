@@ -8,6 +8,13 @@ r"""Trains a model from an ml_collections config: the one training app.
 overrides an existing field; a misspelt field fails at launch. Running again
 with the same --workdir resumes from its newest checkpoint. See
 docs/training.md.
+
+Exit status: 0 when the run finished (or stopped at stop_after_steps); 1 when
+training stopped with an error (diverged, a checkpoint could not be written
+or read); 2 for an invalid config (before anything is compiled); 143 (=
+128 + SIGTERM) when SIGTERM preempted it after saving a checkpoint: run the
+same command to resume. Each prints `training stopped: <why>` on stderr,
+without a traceback (docs/reliability.md).
 """
 
 import os
@@ -17,6 +24,10 @@ from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
+
+# 128 + SIGTERM, what a shell reports for a process SIGTERM ended: a
+# scheduler treats the preempted run as it would a killed one.
+PREEMPTED_EXIT_STATUS = 143
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(__file__), "configs",
                                "lm_stdlib.py")
@@ -53,8 +64,19 @@ def main(argv):
   from moejax import train  # pylint: disable=g-import-not-at-top
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
-  except train.TrainingDivergedError as e:
-    sys.exit(f"training stopped: {e}")
+  except train.TrainingError as e:
+    print(f"training stopped: {e}", file=sys.stderr, flush=True)
+    sys.exit(exit_status(e))
+
+
+def exit_status(error):
+  """The process exit status for a moejax.train.TrainingError."""
+  from moejax import train  # pylint: disable=g-import-not-at-top
+  if isinstance(error, train.TrainingPreempted):
+    return PREEMPTED_EXIT_STATUS
+  if isinstance(error, train.ConfigError):
+    return 2
+  return 1
 
 
 if __name__ == "__main__":

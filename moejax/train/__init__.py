@@ -8,11 +8,19 @@ See docs/training.md.
 """
 
 from moejax.train.checkpoint import Checkpointer
+from moejax.train.checkpoint import CorruptCheckpointError
 from moejax.train.config import base_config
 from moejax.train.config import parse_arg
 from moejax.train.config import sweep_flags
 from moejax.train.checkpoint import save_config
-from moejax.train.loop import TrainingDivergedError
+from moejax.train.errors import CheckpointRestoreError
+from moejax.train.errors import CheckpointSaveError
+from moejax.train.errors import ConfigError
+from moejax.train.errors import ResumeConfigError
+from moejax.train.errors import TrainingDivergedError
+from moejax.train.errors import TrainingError
+from moejax.train.errors import TrainingPreempted
+from moejax.train.errors import WorkdirWriteError
 from moejax.train.loop import format_summary
 from moejax.train.loop import make_datasets
 from moejax.train.loop import model_factory

@@ -11,24 +11,146 @@
 Orbax writes each step into a temporary directory and renames it into place
 when every item is complete, so a step directory that exists is complete; a
 crash mid-save leaves only a temporary directory that is never listed as a
-step. `max_to_keep` old steps are kept.
+step (and is deleted when the next Checkpointer opens the directory).
+`max_to_keep` old steps are kept.
 
-Hooks for the reliability work (issue 8) are the two functions the loop
-calls: `latest_step()` picks what to resume from and `restore(step, ...)`
-loads one step; a fallback to an older step on a corrupt newest one belongs
-in `restore_latest`.
+Every save also records in `meta` a fingerprint of each array of the state
+(a position-weighted uint32 sum of its bits, computed on the devices), a
+SHA-256 of the data iterator's state and a SHA-256 of `meta` itself.
+`restore` recomputes them and raises `CorruptCheckpointError` on any
+difference, so a truncated, bit-flipped or half-deleted checkpoint is never
+loaded silently. `restore_latest` tries the steps newest first, moves each
+unusable one aside to `<step>.corrupt` (with a warning naming the step and
+the reason) and returns the newest good one. A failed save raises
+`CheckpointSaveError` naming the step, the reason and the newest complete
+checkpoint.
 """
 
+import hashlib
 import json
 import os
+import re
 import time
 
+from absl import logging
 import grain
+import jax
+from jax import lax
+import jax.numpy as jnp
+import numpy as np
 import orbax.checkpoint as ocp
 
 from moejax.train import state as state_lib
+from moejax.train.errors import CheckpointRestoreError
+from moejax.train.errors import CheckpointSaveError
 
 STATE, DATA, META = "state", "data", "meta"
+CORRUPT_SUFFIX = ".corrupt"
+
+
+class CorruptCheckpointError(ValueError):
+  """One checkpoint step failed to load or to verify."""
+
+
+# ------------------------------------------------------------- verification
+
+
+def _as_uint32(x):
+  """The bits of `x` as uint32 values of the same shape."""
+  if x.dtype == jnp.bool_:
+    return x.astype(jnp.uint32)
+  size = jnp.dtype(x.dtype).itemsize
+  if size == 4:
+    return lax.bitcast_convert_type(x, jnp.uint32)
+  if size in (1, 2):
+    small = jnp.uint8 if size == 1 else jnp.uint16
+    return lax.bitcast_convert_type(x, small).astype(jnp.uint32)
+  if size == 8:
+    halves = lax.bitcast_convert_type(x, jnp.uint32)  # [..., 2]
+    return halves[..., 0] ^ (halves[..., 1] * jnp.uint32(0x9E3779B9))
+  raise TypeError(f"cannot fingerprint dtype {x.dtype}")
+
+
+def _leaf_fingerprint(x):
+  """<uint32>[]: sum over elements of mix(bits ^ f(linear index)).
+
+  mix (multiply by an odd constant, then xorshift) is a bijection, so any
+  change to one element changes the sum; the index term catches moved
+  values. Integer sums wrap exactly, so the result does not depend on how
+  the array is sharded or in what order the devices reduce it.
+  """
+  u = _as_uint32(x)
+  index = jnp.zeros(u.shape, jnp.uint32)
+  stride = 1
+  for dim in reversed(range(u.ndim)):
+    iota = lax.broadcasted_iota(jnp.uint32, u.shape, dim)
+    index = index + iota * jnp.uint32(stride % 2**32)
+    stride *= u.shape[dim]
+  h = (u ^ (index * jnp.uint32(0x9E3779B9))) * jnp.uint32(0x85EBCA6B)
+  h = h ^ (h >> 13)
+  return jnp.sum(h, dtype=jnp.uint32)
+
+
+@jax.jit
+def _fingerprints(tree):
+  return jnp.stack([_leaf_fingerprint(x) for x in jax.tree.leaves(tree)])
+
+
+def fingerprint(tree):
+  """[int]: one uint32 fingerprint per array of `tree` (in jax.tree.leaves
+  order), computed where the arrays live (one jitted call per set of
+  devices; a TrainState has one)."""
+  leaves = jax.tree.leaves(tree)
+  groups = {}
+  for i, x in enumerate(leaves):
+    sharding = getattr(x, "sharding", None)
+    devices = (frozenset(d.id for d in sharding.device_set)
+               if sharding is not None else None)
+    groups.setdefault(devices, []).append(i)
+  out = [0] * len(leaves)
+  for indices in groups.values():
+    values = np.asarray(jax.device_get(
+        _fingerprints([leaves[i] for i in indices])))
+    for i, v in zip(indices, values):
+      out[i] = int(v)
+  return out
+
+
+def _sha256(obj):
+  text = json.dumps(obj, sort_keys=True, default=str)
+  return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _jsonable(obj):
+  """obj as JSON reads it back (tuples as lists, unknown types as str)."""
+  return json.loads(json.dumps(obj, default=str))
+
+
+_OS_ERROR_CODE = re.compile(r"os_error_code='(\d+)'")
+
+
+def describe_error(error):
+  """A one-line reason: the first OSError in the cause chain if there is
+  one ('OSError: [Errno 28] No space left on device'), the same for an OS
+  error that TensorStore reports inside its own message
+  ([os_error_code='28']), else the error's first line."""
+  chain, e = [], error
+  while e is not None and all(e is not c for c in chain):
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in chain:
+    if isinstance(e, OSError) and e.errno is not None:
+      return f"{type(e).__name__}: {e}"
+  for e in chain:
+    match = _OS_ERROR_CODE.search(str(e))
+    if match:
+      code = int(match.group(1))
+      return f"OSError: [Errno {code}] {os.strerror(code)}"
+  text = str(error).strip().splitlines()
+  first = text[0] if text else ""
+  if len(first) > 300:
+    first = first[:300] + "..."
+  return f"{type(error).__name__}: {first}"
 
 
 class Checkpointer:
@@ -36,9 +158,9 @@ class Checkpointer:
 
   Example:
     ckpt = Checkpointer(os.path.join(workdir, 'checkpoints'), max_to_keep=3)
-    step = ckpt.latest_step()           # None on a fresh workdir
-    if step is not None:
-      state, meta = ckpt.restore(step, state, train_iterator)
+    restored = ckpt.restore_latest(state, train_iterator)  # None: fresh
+    if restored is not None:
+      state, meta, step = restored
     ...
     ckpt.save(100, state, train_iterator, {'tokens_seen': n})
     ckpt.close()                        # waits for pending async saves
@@ -48,10 +170,22 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     options = ocp.CheckpointManagerOptions(
         max_to_keep=max_to_keep, create=True,
-        enable_async_checkpointing=async_save)
-    self.manager = ocp.CheckpointManager(
-        self.directory, options=options,
-        item_names=(STATE, DATA, META))
+        enable_async_checkpointing=async_save,
+        cleanup_tmp_directories=True,
+        # Create the step's temporary directory in save() itself, so an
+        # unwritable directory fails there at once (created in the
+        # background, the failure surfaces only as a 300 s barrier timeout).
+        async_options=ocp.AsyncOptions(
+            create_directories_asynchronously=False))
+    try:
+      self.manager = ocp.CheckpointManager(
+          self.directory, options=options,
+          item_names=(STATE, DATA, META))
+    except OSError as e:
+      raise CheckpointSaveError(
+          f"cannot open the checkpoint directory {self.directory}: "
+          f"{describe_error(e)}") from e
+    self._in_flight = None  # the step of an async save not yet waited for
 
   def all_steps(self):
     return sorted(self.manager.all_steps())
@@ -59,26 +193,125 @@ class Checkpointer:
   def latest_step(self):
     return self.manager.latest_step()
 
+  def step_path(self, step):
+    return os.path.join(self.directory, str(int(step)))
+
+  # ----------------------------------------------------------- saving
+
   def save(self, step, state, data_iterator=None, meta=None):
     """Starts saving `step` (returns once arrays are copied off the devices;
     the files are written in the background). The data iterator's position
-    is read now, so call this between steps."""
-    meta = dict(meta or {}, step=int(step), time=time.time())
+    is read now, so call this between steps.
+
+    Raises:
+      CheckpointSaveError: this save, or the previous async one, failed.
+    """
+    self.wait()  # surfaces a failure of the previous save under its step
+    tree = state_lib.to_checkpoint_tree(state)
+    meta = dict(meta or {}, step=int(step), time=time.time(),
+                fingerprint=fingerprint(tree))
+    if data_iterator is not None and jax.process_count() == 1:
+      meta["data_sha256"] = _sha256(_data_state(data_iterator))
+    meta = _jsonable(meta)
+    meta["meta_sha256"] = _sha256(meta)
     items = {
-        STATE: ocp.args.StandardSave(state_lib.to_checkpoint_tree(state)),
+        STATE: ocp.args.StandardSave(tree),
         META: ocp.args.JsonSave(meta),
     }
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointSave(data_iterator)
-    self.manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+    try:
+      self.manager.save(int(step), args=ocp.args.Composite(**items),
+                        force=True)
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+    self._in_flight = int(step)
+
+  def wait(self):
+    """Blocks until pending async saves are on disk.
+
+    Raises:
+      CheckpointSaveError: the pending save failed.
+    """
+    step, self._in_flight = self._in_flight, None
+    try:
+      self.manager.wait_until_finished()
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      raise self._save_error(step, e) from e
+
+  def check(self):
+    """Raises CheckpointSaveError if the async save in flight has already
+    failed; returns at once otherwise (call it between steps)."""
+    if self._in_flight is None:
+      return
+    if not self.manager.is_saving_in_progress():
+      self.wait()
+      return
+    try:
+      self.manager.check_for_errors()
+    except Exception as e:  # pylint: disable=broad-except
+      step, self._in_flight = self._in_flight, None
+      raise self._save_error(step, e) from e
+
+  def newest(self):
+    """'the newest complete checkpoint is step N (path)', read from disk."""
+    try:
+      self.manager.reload()
+      steps = self.all_steps()
+    except Exception:  # pylint: disable=broad-except
+      steps = []
+    if not steps:
+      return "there is no complete checkpoint yet"
+    return (f"the newest complete checkpoint is step {steps[-1]} "
+            f"({self.step_path(steps[-1])})")
+
+  def close(self, quiet=False):
+    """Waits for pending saves and releases the manager. quiet: log a
+    failed save instead of raising (when another error is on its way)."""
+    try:
+      self.wait()
+    except CheckpointSaveError as e:
+      if not quiet:
+        self._close_manager()
+        raise
+      logging.warning("%s", e)
+    self._close_manager()
+
+  def _close_manager(self):
+    try:
+      self.manager.close()
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("closing the checkpoint manager: %s", describe_error(e))
+
+  def _save_error(self, step, error):
+    newest = self.newest()
+    which = f"step {step}" if step is not None else "a step"
+    return CheckpointSaveError(
+        f"could not save checkpoint {which} in {self.directory}: "
+        f"{describe_error(error).rstrip('.')}. Nothing partial is listed as a checkpoint; "
+        f"{newest}, and the checkpoints there are intact. Make the "
+        f"directory writable or free space, then run the same command to "
+        f"resume.")
+
+  # ----------------------------------------------------------- loading
 
   def restore(self, step, template, data_iterator=None):
     """Loads `step` into the shapes and shardings of `template` (a
-    TrainState) and moves `data_iterator` to the saved position.
+    TrainState), verifies it and moves `data_iterator` to the saved
+    position.
 
     Returns:
       (TrainState, meta dict).
+    Raises:
+      CorruptCheckpointError: an item is missing, does not load, or does
+        not match the fingerprints recorded when it was saved.
     """
+    path = self.step_path(step)
+    wanted = (STATE, META) + ((DATA,) if data_iterator is not None else ())
+    missing = [i for i in wanted if not os.path.isdir(os.path.join(path, i))]
+    if missing:
+      raise CorruptCheckpointError(f"missing item(s) {missing} in {path}")
     items = {
         STATE: ocp.args.StandardRestore(
             state_lib.abstract_checkpoint_tree(template)),
@@ -86,27 +319,132 @@ class Checkpointer:
     }
     if data_iterator is not None:
       items[DATA] = grain.checkpoint.CheckpointRestore(data_iterator)
-    restored = self.manager.restore(int(step),
-                                    args=ocp.args.Composite(**items))
+    try:
+      restored = self.manager.restore(int(step),
+                                      args=ocp.args.Composite(**items))
+    except Exception as e:  # pylint: disable=broad-except
+      raise CorruptCheckpointError(f"does not load: {describe_error(e)}") from e
+    meta = dict(restored[META] or {})
+    _verify(meta, restored[STATE])
+    if data_iterator is not None and "data_sha256" in meta:
+      _verify_data_file(os.path.join(path, DATA), meta["data_sha256"])
     state = state_lib.from_checkpoint_tree(restored[STATE], template)
-    return state, dict(restored[META] or {})
+    return state, meta
 
-  def restore_latest(self, template, data_iterator=None):
-    """(state, meta, step) of the newest checkpoint, or None when there is
-    none."""
-    step = self.latest_step()
-    if step is None:
+  def restore_latest(self, template, data_iterator=None, *, on_skip=None):
+    """(state, meta, step) of the newest checkpoint that loads and
+    verifies, or None when there is none.
+
+    A newer step that fails is moved aside to `<step>.corrupt` (so it is no
+    longer listed and the step can be saved again) and reported through
+    `on_skip(step, reason, moved_to)` (default: a logged warning).
+
+    Raises:
+      CheckpointRestoreError: checkpoints exist but none loads; nothing is
+        moved then, so no work is lost by starting again.
+    """
+    on_skip = on_skip or _log_skip
+    skipped = []
+    for step in reversed(self.all_steps()):
+      try:
+        state, meta = self.restore(step, template, data_iterator)
+      except CorruptCheckpointError as e:
+        skipped.append((step, str(e)))
+        continue
+      for bad, reason in skipped:
+        on_skip(bad, reason, self._quarantine(bad))
+      if skipped:
+        self.manager.reload()
+      return state, meta, step
+    if skipped:
+      lines = "\n".join(f"  step {s}: {r}" for s, r in skipped)
+      raise CheckpointRestoreError(
+          f"no checkpoint in {self.directory} can be loaded:\n{lines}\n"
+          f"Nothing was changed on disk. Move the directory away to start "
+          f"from scratch.")
+    return None
+
+  def _quarantine(self, step):
+    """Renames the step's directory to `<step>.corrupt[.n]`; returns the new
+    path (None on a non-primary process, which leaves it to process 0)."""
+    if jax.process_index() != 0:
       return None
-    state, meta = self.restore(step, template, data_iterator)
-    return state, meta, step
+    src = self.step_path(step)
+    dst, n = src + CORRUPT_SUFFIX, 1
+    while os.path.exists(dst):
+      dst, n = f"{src}{CORRUPT_SUFFIX}.{n}", n + 1
+    os.replace(src, dst)
+    return dst
 
-  def wait(self):
-    """Blocks until pending async saves are on disk."""
-    self.manager.wait_until_finished()
 
-  def close(self):
-    self.manager.wait_until_finished()
-    self.manager.close()
+def _log_skip(step, reason, moved_to):
+  logging.warning("skipped checkpoint step %s (%s); moved to %s", step,
+                  reason, moved_to)
+
+
+def _verify(meta, tree):
+  """Raises CorruptCheckpointError unless meta and the state arrays match
+  what save() recorded. Checkpoints written before fingerprints existed (no
+  'fingerprint' in meta) load unverified."""
+  recorded = meta.pop("meta_sha256", None)
+  if recorded is not None and recorded != _sha256(meta):
+    raise CorruptCheckpointError("meta does not match its checksum")
+  if recorded is not None:
+    meta["meta_sha256"] = recorded
+  if "fingerprint" in meta:
+    names = [jax.tree_util.keystr(k) for k, _ in
+             jax.tree_util.tree_flatten_with_path(tree)[0]]
+    got, want = fingerprint(tree), list(meta["fingerprint"])
+    if len(got) != len(want):
+      raise CorruptCheckpointError(
+          f"the state has {len(got)} arrays, meta records {len(want)}")
+    bad = [n for n, g, w in zip(names, got, want) if g != w]
+    if bad:
+      raise CorruptCheckpointError(
+          f"{len(bad)} state array(s) do not match their fingerprints "
+          f"(first: {bad[0]})")
+
+
+def _data_state(iterator):
+  """The iterator's state as the JSON object grain writes."""
+  state = iterator.get_state()
+  return json.loads(state.decode()) if isinstance(state, bytes) else state
+
+
+def _verify_data_file(directory, digest):
+  """The single process's data-iterator JSON must hash to `digest` (the
+  iterator's get_state() when saved). Restored iterators re-derive part of
+  their state lazily, so the file is checked, not the iterator."""
+  path = os.path.join(directory, "process_0-of-1.json")
+  try:
+    with open(path) as f:
+      state = json.load(f)
+  except (OSError, ValueError) as e:
+    raise CorruptCheckpointError(
+        f"the data iterator position does not load: {describe_error(e)}") from e
+  if _sha256(state) != digest:
+    raise CorruptCheckpointError(
+        "the data iterator position does not match its checksum")
+
+
+def read_saved_config(directory):
+  """(config dict, step) from the newest checkpoint step under `directory`
+  whose meta is readable JSON, or (None, None). Reads files only."""
+  try:
+    names = os.listdir(directory)
+  except OSError:
+    return None, None
+  steps = sorted((int(n) for n in names if n.isdigit()), reverse=True)
+  for step in steps:
+    path = os.path.join(directory, str(step), META, "metadata")
+    try:
+      with open(path) as f:
+        meta = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+      return meta["config"], step
+  return None, None
 
 
 def write_json_atomic(path, obj):

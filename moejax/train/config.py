@@ -73,6 +73,15 @@ def base_config():
   # Stop (with a checkpoint) after this many steps in one invocation; the
   # next invocation resumes. 0: run to num_train_steps.
   c.stop_after_steps = 0
+  # NaN/Inf in the loss or the gradient norm: 'stop' (TrainingDivergedError
+  # naming the step) or 'skip' (keep the previous parameters and optimizer
+  # state, count the skip, and stop after max_consecutive_nan_skips skipped
+  # steps in a row).
+  c.nan_policy = "stop"
+  c.max_consecutive_nan_skips = 3
+  # Fault injection for tests: comma-separated steps (1-based) whose loss is
+  # multiplied by NaN, e.g. '4,5'. '' = off.
+  c.inject_nan_steps = ""
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0))

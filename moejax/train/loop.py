@@ -11,15 +11,21 @@ passed in explicitly; no flags here. What one run writes into `workdir`:
 
 Starting again with the same workdir resumes from the newest checkpoint:
 parameters, optimizer state, model RNG streams, step and the data iterator's
-position are restored, so the run continues as if never stopped.
+position are restored, so the run continues as if never stopped. What
+happens on faults (SIGKILL, SIGTERM, corrupt checkpoints, full disks, NaNs,
+invalid or changed configs) is in docs/reliability.md.
 """
 
 import itertools
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
+
+from absl import logging
 
 from flax import nnx
 import jax
@@ -33,18 +39,19 @@ from moejax.train import checkpoint as ckpt_lib
 from moejax.train import optim
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
+from moejax.train import validation
 from moejax.train import writers as writers_lib
+from moejax.train.errors import ConfigError
+from moejax.train.errors import TrainingDivergedError
+from moejax.train.errors import TrainingError
+from moejax.train.errors import TrainingPreempted
+from moejax.train.errors import WorkdirWriteError
 
 MODELS = {"decoder_lm": models.DecoderLM, "vit": models.ViTClassifier}
-TASKS = ("lm", "classification")
-# Metrics checked every logged step; a non-finite value stops the run.
+TASKS = validation.TASKS
+# Metrics checked every logged step (every step with nan_policy 'skip'); a
+# non-finite value stops the run or skips the update.
 FINITE_METRICS = ("loss", "grad_norm")
-
-
-class TrainingDivergedError(FloatingPointError):
-  """A loss or gradient became NaN or Inf."""
-
-
 
 
 # ------------------------------------------------------------- builders
@@ -132,27 +139,113 @@ def make_datasets(config):
   return train, evals
 
 
-def _check_positive(config, name, minimum=1):
-  value = config.get(name)
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"config.{name} must be an integer >= {minimum}, got "
-                     f"{value!r}")
+def validate_config(config, *, num_devices=None):
+  """Checks every field before anything is built or compiled.
+
+  Args:
+    config: the run's ConfigDict.
+    num_devices: the devices the mesh must cover; default: the devices the
+      run will have (config.num_cpu_devices on CPU when set, which
+      experiments/train.py asks JAX for, else jax.device_count()).
+  Raises:
+    ConfigError (a ValueError): one line per invalid field, naming the
+      field, its value and what is allowed (moejax.train.validation).
+  """
+  if num_devices is None:
+    num_devices = jax.device_count()
+    if config.get("num_cpu_devices") and jax.default_backend() == "cpu":
+      num_devices = int(config.num_cpu_devices)
+  validation.validate_config(config, num_devices=num_devices)
 
 
-def validate_config(config):
-  """Cheap checks before anything is built (more in issue 8)."""
-  for name in ("batch_size", "num_train_steps"):
-    _check_positive(config, name)
-  for name in ("eval_every", "checkpoint_every", "eval_steps"):
-    _check_positive(config, name, 0)
-  if config.task not in TASKS:
-    raise ValueError(f"config.task={config.task!r}; allowed: {list(TASKS)}")
-  if config.task == "lm" and config.data.get("eval_split") and (
-      not config.eval_steps):
-    raise ValueError("config.eval_steps must be >= 1 for task 'lm': the LM "
-                     "eval stream repeats, so it has no natural end")
-  step_lib.moe_lib.MoELosses.zeros().weighted_sum(
-      _config_dict(config.aux_loss_weights))
+def make_datasets_checked(config):
+  """make_datasets, with the data's own refusals (seq_len longer than the
+  split, an unknown dataset or split) as ConfigError. Builds no JAX code."""
+  try:
+    return make_datasets(config)
+  except ValueError as e:
+    field = "data.seq_len" if "seq_len" in str(e) else "data"
+    value = config.data.get("seq_len") if field == "data.seq_len" else (
+        config.data.get("dataset"))
+    raise ConfigError([f"config.{field}={value!r}: {e}"]) from e
+
+
+class PreemptionGuard:
+  """While active, SIGTERM sets `requested` instead of killing the process;
+  the loop checks it between steps, saves and raises TrainingPreempted.
+
+  Only the main thread can install signal handlers; elsewhere this is a
+  no-op (SIGTERM then kills as usual).
+  """
+
+  def __init__(self, signals=(signal.SIGTERM,)):
+    self.signals = signals
+    self.requested = None  # the signal number once one arrived
+    self._previous = {}
+
+  def _handle(self, signum, frame):
+    del frame
+    self.requested = signum
+
+  def __enter__(self):
+    if threading.current_thread() is threading.main_thread():
+      for sig in self.signals:
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def __exit__(self, *exc):
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+    self._previous = {}
+    return False
+
+
+def _check_workdir(workdir):
+  """Creates workdir; WorkdirWriteError if it cannot be written."""
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise WorkdirWriteError(
+        f"cannot write to the workdir {workdir}: {ckpt_lib.describe_error(e)}. "
+        f"Nothing was started. Make it writable (or choose another "
+        f"--workdir) and run again.") from e
+
+
+def _workdir_error(workdir, error, ckpt):
+  return WorkdirWriteError(
+      f"could not write to the workdir {workdir}: "
+      f"{ckpt_lib.describe_error(error)}. {ckpt.newest().capitalize()}. "
+      f"Make the workdir writable or free space, then run the same command "
+      f"to resume.")
+
+
+def _close_outputs(ckpt, writer, workdir, quiet):
+  """Closes the checkpointer (waiting for its saves) and the metric
+  writers. quiet: another error is on its way; log these instead."""
+  try:
+    ckpt.close(quiet=quiet)
+  finally:
+    if writer is not None:
+      try:
+        writer.close()
+      except OSError as e:
+        if not quiet:
+          raise _workdir_error(workdir, e, ckpt) from e
+        logging.warning("closing the metric writers: %s",
+                        ckpt_lib.describe_error(e))
+
+
+def _check_resume_config(config, ckpt_dir):
+  """ResumeConfigError if the newest checkpoint was written with a config
+  that defines a different model or data (validation.RESUME_LOCKED)."""
+  saved, step = ckpt_lib.read_saved_config(ckpt_dir)
+  if saved is not None:
+    validation.check_resume_config(saved, config,
+                                   os.path.join(ckpt_dir, str(step)))
 
 
 # ------------------------------------------------------------- metrics
@@ -228,7 +321,7 @@ def format_summary(summary, baseline=None):
 # ------------------------------------------------------------- the loop
 
 
-def train_and_evaluate(config, workdir, *, stream=None):
+def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
   """Trains config's model on config's data, evaluating and checkpointing;
   resumes from workdir's newest checkpoint if there is one.
 
@@ -236,23 +329,45 @@ def train_and_evaluate(config, workdir, *, stream=None):
     config: ml_collections.ConfigDict (see experiments/configs/lm_stdlib.py).
     workdir: output directory (created if needed).
     stream: where the progress bar and summary go (default sys.stdout).
+    on_log: optional callable(step, flat train metrics), called after each
+      logged step's metrics are written (e.g. to sample host memory:
+      experiments/memory_growth.py).
   Returns:
     The summary dict (also written to workdir/summary.json).
-  Raises:
-    TrainingDivergedError: loss or gradient norm not finite; names the step
-      and the metric. Checkpoints saved before that step stay intact.
-    ValueError: invalid config.
+  Raises (all moejax.train.errors.TrainingError, with messages for the user;
+  docs/reliability.md shows each):
+    ConfigError: invalid config, or (ResumeConfigError) a resume that would
+      change the model or its data; raised before anything is compiled.
+    TrainingDivergedError: loss or gradient norm not finite (nan_policy
+      'stop'), or too many skipped steps in a row ('skip'); names the step.
+      Checkpoints saved before that step stay intact.
+    TrainingPreempted: SIGTERM; a checkpoint of the current step was
+      written first.
+    WorkdirWriteError: the workdir could not be written (not writable, disk
+      full); CheckpointSaveError (a subclass) when a checkpoint could not.
+    CheckpointRestoreError: checkpoints exist but none loads.
   """
-  validate_config(config)
+  validate_config(config, num_devices=jax.device_count())
   stream = stream or sys.stdout
 
   def _print(text):
     print(text, file=stream, flush=True)
   workdir = os.path.abspath(workdir)
-  os.makedirs(workdir, exist_ok=True)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  _check_resume_config(config, ckpt_dir)
   is_main = jax.process_index() == 0
   if is_main:
-    ckpt_lib.save_config(config, workdir)
+    _check_workdir(workdir)
+  # The data first: its refusals (seq_len vs the split, ...) come before
+  # anything is compiled.
+  train_ds, eval_ds = make_datasets_checked(config)
+  if is_main:
+    try:
+      ckpt_lib.save_config(config, workdir)
+    except OSError as e:
+      raise WorkdirWriteError(
+          f"cannot write {workdir}/config.json: "
+          f"{ckpt_lib.describe_error(e)}. Nothing was started.") from e
 
   total_steps = int(config.num_train_steps)
   mesh = state_lib.make_train_mesh(config.mesh)
@@ -281,23 +396,44 @@ def train_and_evaluate(config, workdir, *, stream=None):
 
   aux_weights = _config_dict(config.aux_loss_weights)
   shardings = state_lib.state_shardings(state)
-  train_step = step_lib.make_train_step(graphdef, task, tx, schedule,
-                                        aux_weights, state_shardings=shardings)
+  skip_nonfinite = config.get("nan_policy", "stop") == "skip"
+  max_skips = int(config.get("max_consecutive_nan_skips", 3))
+  train_step = step_lib.make_train_step(
+      graphdef, task, tx, schedule, aux_weights, state_shardings=shardings,
+      skip_nonfinite=skip_nonfinite,
+      inject_nan_steps=validation.parse_steps(
+          config.get("inject_nan_steps", "")))
   eval_step = step_lib.make_eval_step(graphdef, task, aux_weights)
 
-  train_ds, eval_ds = make_datasets(config)
   train_iter = iter(train_ds)
   bsharding = data_lib.batch_sharding(mesh, state_lib.batch_axes(mesh, rules))
 
   ckpt = ckpt_lib.Checkpointer(
-      os.path.join(workdir, "checkpoints"),
-      max_to_keep=config.max_checkpoints_to_keep,
+      ckpt_dir, max_to_keep=config.max_checkpoints_to_keep,
       async_save=config.get("async_checkpointing", True))
+
+  def on_skip(step, reason, moved_to):
+    text = (f"WARNING: skipped checkpoint step {step}: {reason}; moved it "
+            f"to {moved_to}")
+    logging.warning("%s", text)
+    _print(text)
+
   start_step, tokens_seen = 0, 0
-  restored = ckpt.restore_latest(state, train_iter)
+  skips = dict(total=0, in_a_row=0)  # nan_policy 'skip' counters
+  try:
+    restored = ckpt.restore_latest(state, train_iter, on_skip=on_skip)
+    if restored is not None and restored[1].get("config"):
+      # The step actually restored (maybe older than the newest) must agree.
+      validation.check_resume_config(restored[1]["config"], config,
+                                     ckpt.step_path(restored[2]))
+  except BaseException:
+    ckpt.close(quiet=True)
+    raise
   if restored is not None:
     state, meta, start_step = restored
     tokens_seen = int(meta.get("tokens_seen", 0))
+    skips.update(total=int(meta.get("nan_skips_total", 0)),
+                 in_a_row=int(meta.get("nan_skips_in_a_row", 0)))
     _print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}, "
            f"{tokens_seen:,} tokens)")
   # Describe after the restore message so the header is the same either way.
@@ -349,17 +485,15 @@ def train_and_evaluate(config, workdir, *, stream=None):
   def process(pending):
     """Fetches one step's metrics (waiting for the step), checks, writes."""
     nonlocal train_time, timed_tokens, last_time, last_tokens, compiled
-    step, metrics, seen = pending
+    step, metrics, seen, log = pending
     host = jax.device_get(metrics)
+    checked[0] = step
+    ckpt.check()  # a failed async save stops the run at the next step
+    if _nonfinite_step(step, host):
+      return  # skipped: counted and reported; its metrics are not logged
+    if not log:
+      return
     now = time.monotonic()
-    for name in FINITE_METRICS:
-      value = float(host[name])
-      if not math.isfinite(value):
-        ckpt.wait()
-        raise TrainingDivergedError(
-            f"step {step}: {name} is {value}; stopping. Checkpoints so far "
-            f"are intact (latest: step {ckpt.latest_step()} in "
-            f"{ckpt.directory}).")
     dt, tokens = now - last_time, seen - last_tokens
     last_time, last_tokens = now, seen
     if compiled:
@@ -370,57 +504,136 @@ def train_and_evaluate(config, workdir, *, stream=None):
     flat["train/step_time"] = dt * tokens_per_step / max(tokens, 1)
     flat["train/tokens_per_sec"] = tokens / dt if dt > 0 else 0.0
     flat["train/tokens_seen"] = float(seen)
+    if skip_nonfinite:
+      flat["train/nan_skips_total"] = float(skips["total"])
     if writer is not None:
       writer.write(step, flat)
     window.append(flat)
+    if on_log is not None:
+      on_log(step, flat)
     del window[:-window_size]
     bar.update(step, {"loss": flat["train/ce_loss"],
                       "lr": flat["train/learning_rate"],
                       "tok/s": int(flat["train/tokens_per_sec"])})
 
+  def _nonfinite_step(step, host):
+    """Applies nan_policy to one step's host metrics; True if the step's
+    update was skipped."""
+    bad = [(n, float(host[n])) for n in FINITE_METRICS
+           if not math.isfinite(float(host[n]))]
+    if not bad:
+      skips["in_a_row"] = 0
+      return False
+    what = ", ".join(f"{n} is {v}" for n, v in bad)
+    if not skip_nonfinite:
+      ckpt.wait()
+      raise TrainingDivergedError(
+          f"step {step}: {what}; stopping (nan_policy='stop'). Checkpoints "
+          f"so far are intact (latest: step {ckpt.latest_step()} in "
+          f"{ckpt.directory}). To skip such steps instead, set "
+          f"nan_policy='skip'.")
+    skips["total"] += 1
+    skips["in_a_row"] += 1
+    if skips["in_a_row"] >= max_skips:
+      ckpt.wait()
+      raise TrainingDivergedError(
+          f"step {step}: {what}; {skips['in_a_row']} steps in a row skipped "
+          f"(max_consecutive_nan_skips={max_skips}, {skips['total']} "
+          f"skipped in all); stopping. Checkpoints so far are intact "
+          f"(latest: step {ckpt.latest_step()} in {ckpt.directory}).")
+    bar.write(f"step {step}: {what}; update skipped ({skips['in_a_row']} "
+              f"in a row, {skips['total']} in all)")
+    if writer is not None:
+      writer.write(step, {"train/skipped": 1.0,
+                          "train/nan_skips_total": float(skips["total"])})
+    return True
+
+  def save(step):
+    ckpt.save(step, state, train_iter, {
+        "tokens_seen": tokens_seen, "config": _config_dict(config),
+        "nan_skips_total": skips["total"],
+        "nan_skips_in_a_row": skips["in_a_row"]})
+    saved.add(step)
+
+  def _preempted(signum, step):
+    """Saves `step` (if not saved yet), waits for the files, raises."""
+    name = signal.Signals(signum).name
+    if step not in saved:
+      if checked[0] != step:  # never save a state whose numbers are unseen
+        _nonfinite_step(step, jax.device_get(latest[0]))
+      save(step)
+    ckpt.wait()
+    if writer is not None:
+      writer.flush()
+    if step == start_step:
+      raise TrainingPreempted(
+          f"preempted ({name}) before step {step + 1}: nothing new to save"
+          + (f"; the newest checkpoint is step {step}" if step else "")
+          + ". Run the same command to resume.", step)
+    raise TrainingPreempted(
+        f"preempted ({name}) at step {step}: saved checkpoint "
+        f"{ckpt.step_path(step)}. Run the same command to resume from step "
+        f"{step}.", step)
+
   last_time, last_tokens, compiled = time.monotonic(), tokens_seen, False
   tokens_per_step = 1
   pending = None
+  saved = {start_step}
+  done = start_step  # steps whose update has been applied
+  checked = [start_step]  # the last step whose metrics were checked
+  latest = [None]  # the metrics of step `done`
+  failed = True
   try:
-    stop_after = int(config.get("stop_after_steps", 0) or 0)
-    end_step = (min(total_steps, start_step + stop_after) if stop_after
-                else total_steps)
-    for i in range(start_step, end_step):
-      step = i + 1  # the number of updates once this one is applied
-      batch = data_lib.make_global_batch(next(train_iter), bsharding)
-      tokens_per_step = task.tokens(batch)
-      tokens_seen += tokens_per_step
-      state, metrics = train_step(state, batch)
-      if pending is not None:  # fetch the previous step while this one runs
+    with PreemptionGuard() as guard:
+      stop_after = int(config.get("stop_after_steps", 0) or 0)
+      end_step = (min(total_steps, start_step + stop_after) if stop_after
+                  else total_steps)
+      for i in range(start_step, end_step):
+        if guard.requested:
+          break
+        step = i + 1  # the number of updates once this one is applied
+        batch = data_lib.make_global_batch(next(train_iter), bsharding)
+        tokens_per_step = task.tokens(batch)
+        tokens_seen += tokens_per_step
+        state, metrics = train_step(state, batch)
+        done, latest[0] = step, metrics
+        if pending is not None:  # fetch the previous step while this runs
+          process(pending)
+          pending = None
+        due_ckpt = bool(config.checkpoint_every and
+                        step % config.checkpoint_every == 0) or (
+                            step == end_step)
+        due_eval = bool(config.eval_every and
+                        step % config.eval_every == 0) or (
+                            step == total_steps)
+        log = step % log_every == 0 or due_ckpt or due_eval
+        if log or skip_nonfinite:
+          pending = (step, metrics, tokens_seen, log)
+        if due_ckpt or due_eval:
+          # Check this step's numbers before its state is saved or evaluated.
+          process(pending)
+          pending = None
+          if due_eval:
+            last_eval = run_eval(step)
+          if due_ckpt:
+            save(step)
+          last_time = time.monotonic()  # eval/ckpt time is not step time
+      if pending is not None:
         process(pending)
         pending = None
-      due_ckpt = bool(config.checkpoint_every and
-                      step % config.checkpoint_every == 0) or (
-                          step == end_step)
-      due_eval = bool(config.eval_every and step % config.eval_every == 0) or (
-          step == total_steps)
-      if step % log_every == 0 or due_ckpt or due_eval:
-        pending = (step, metrics, tokens_seen)
-      if due_ckpt or due_eval:
-        # Check this step's numbers before its state is saved or evaluated.
-        process(pending)
-        pending = None
-        if due_eval:
-          last_eval = run_eval(step)
-        if due_ckpt:
-          ckpt.save(step, state, train_iter, {"tokens_seen": tokens_seen,
-                                              "config": _config_dict(config)})
-        last_time = time.monotonic()  # eval/ckpt time is not step time
-    if pending is not None:
-      process(pending)
-      pending = None
+      if guard.requested and done < end_step:  # (a finished run finishes)
+        _preempted(guard.requested, done)
     if start_step >= total_steps:  # nothing left to train: evaluate only
       last_eval = run_eval(int(jax.device_get(state.step)))
+    failed = False
+  except OSError as e:
+    if isinstance(e, TrainingError):
+      raise
+    ckpt.wait()  # a failed save explains a full disk better: raise it first
+    raise _workdir_error(workdir, e, ckpt) from e
   finally:
     bar.close()
-    ckpt.close()
-    if writer is not None:
-      writer.close()
+    _close_outputs(ckpt, writer, workdir, quiet=failed)
 
   if not window and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
     # Nothing trained in this invocation (the run had finished): summarise
@@ -433,7 +646,8 @@ def train_and_evaluate(config, workdir, *, stream=None):
       tokens_seen=tokens_seen, train_time_s=train_time,
       tokens_per_sec=timed_tokens / train_time if train_time else 0.0,
       params_total=counts["total"], params_active=counts["active"],
-      flops_per_token=flops, window=len(window))
+      flops_per_token=flops, window=len(window),
+      nan_skips_total=skips["total"])
   if window:
     for key in ("ce_loss", "loss", "accuracy"):
       summary[f"train_{key}"] = float(np.mean(

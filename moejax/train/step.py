@@ -105,7 +105,8 @@ def _aux_metrics(aux):
 
 
 def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
-                    state_shardings=None, donate=True):
+                    state_shardings=None, donate=True, skip_nonfinite=False,
+                    inject_nan_steps=()):
   """The jitted train step: (TrainState, batch) -> (TrainState, metrics).
 
   Args:
@@ -117,21 +118,32 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
     state_shardings: the TrainState's shardings, pinned as out_shardings so
       parameters keep their layout step after step; None lets XLA choose.
     donate: donate the input state's buffers (the caller must not reuse it).
+    skip_nonfinite: when the loss or the gradient norm is NaN/Inf, keep the
+      params, model state and optimizer state of the input (the step
+      counter still advances) and report metrics['skipped'] = 1.
+    inject_nan_steps: fault injection for tests: the loss of these steps
+      (the step number after the update, 1-based) is multiplied by NaN, so
+      the loss and every gradient are NaN.
   Returns:
     A jitted function. metrics: loss, ce_loss (task loss), aux_loss
     (weighted), aux/<name> (unweighted, summed over layers), accuracy,
     grad_norm (before clipping), param_norm, learning_rate, and for MoE
     models moe/expert_load [layers, E], moe/dropped_fraction,
-    moe/router_entropy, moe/max_over_mean_load [layers].
+    moe/router_entropy, moe/max_over_mean_load [layers]; with
+    skip_nonfinite, skipped (1.0 when the update was skipped).
   """
   weights = dict(aux_loss_weights)
   moe_lib.MoELosses.zeros().weighted_sum(weights)  # validate names now
+  nan_steps = tuple(int(s) for s in inject_nan_steps)
 
   def train_step(state, batch):
     def loss_fn(params):
       model = nnx.merge(graphdef, params, state.model_state)
       loss, extras = compute_loss(task, model, batch, weights,
                                   deterministic=False)
+      if nan_steps:
+        hit = jnp.isin(state.step + 1, jnp.asarray(nan_steps, jnp.int32))
+        loss = loss * jnp.where(hit, jnp.nan, 1.0).astype(loss.dtype)
       model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
       return loss, (extras, model_state)
 
@@ -149,6 +161,11 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
     metrics.update(_aux_metrics(aux))
     new_state = state.replace(step=state.step + 1, params=params,
                               model_state=model_state, opt_state=opt_state)
+    if skip_nonfinite:
+      finite = jnp.isfinite(loss) & jnp.isfinite(metrics["grad_norm"])
+      kept = state.replace(step=state.step + 1)
+      new_state = jax.lax.cond(finite, lambda: new_state, lambda: kept)
+      metrics["skipped"] = 1.0 - finite.astype(jnp.float32)
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else (),

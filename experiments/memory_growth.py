@@ -1,0 +1,130 @@
+r"""Host memory over a long run of small steps: does the loop leak?
+
+  python -m experiments.memory_growth --steps=2000 --workdir=/tmp/memgrowth
+
+Trains the smoke LM (experiments/configs/lm_stdlib.py:size=smoke, 1 CPU
+device) for --steps steps with everything a real run does: metrics fetched
+and written every step (JSONL, TensorBoard), checkpoints and evals every
+--every steps, the progress bar. It samples the process's resident set size
+(VmRSS) and the number of live Python objects at a few steps and prints a
+table with the growth from --baseline_step (after compilation) to the last
+step, and the steady-state growth from the end of the second checkpoint and
+eval cycle (which load code and warm caches once) to the last step. With
+--json it also writes the samples to that file. docs/reliability.md records
+a measurement; tests/reliability/test_memory_growth.py runs this (slow).
+"""
+
+import gc
+import json
+import os
+import shutil
+import sys
+import time
+
+from absl import app
+from absl import flags
+from absl import logging
+
+_STEPS = flags.DEFINE_integer("steps", 2000, "Training steps.")
+_EVERY = flags.DEFINE_integer("every", 500, "Checkpoint and eval interval.")
+_BASELINE = flags.DEFINE_integer(
+    "baseline_step", 200, "Growth is measured from this step.")
+_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch workdir (emptied).",
+                               required=True)
+_JSON = flags.DEFINE_string("json", None, "Also write the samples here.")
+
+
+def rss_mib():
+  """This process's resident set size in MiB (Linux /proc)."""
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return int(line.split()[1]) / 1024
+  raise RuntimeError("no VmRSS in /proc/self/status")
+
+
+def sample_steps(steps, every, baseline):
+  """The steps at which memory is sampled."""
+  points = {1, baseline, steps}
+  points.update(range(every, steps + 1, every))
+  points.update(range(baseline, steps + 1, max(1, (steps - baseline) // 8)))
+  return sorted(p for p in points if 1 <= p <= steps)
+
+
+def make_config(steps, every):
+  from experiments.configs import lm_stdlib  # pylint: disable=g-import-not-at-top
+  c = lm_stdlib.get_config("size=smoke")
+  c.num_train_steps = steps
+  c.checkpoint_every = every
+  c.eval_every = every
+  c.log_every = 1
+  c.optimizer.warmup_steps = 10
+  return c
+
+
+def measure(workdir, steps, every, baseline, stream=None):
+  """Runs the loop; returns {'samples': [{step, rss_mib, objects}], ...}."""
+  from moejax import train  # pylint: disable=g-import-not-at-top
+  shutil.rmtree(workdir, ignore_errors=True)
+  wanted = set(sample_steps(steps, every, baseline))
+  samples = []
+
+  def on_log(step, metrics):
+    del metrics
+    if step in wanted:
+      gc.collect()
+      samples.append(dict(step=step, rss_mib=round(rss_mib(), 1),
+                          objects=len(gc.get_objects())))
+
+  start = time.time()
+  train.train_and_evaluate(make_config(steps, every), workdir,
+                           stream=stream or open(os.devnull, "w"),
+                           on_log=on_log)
+  base = next(s for s in samples if s["step"] >= baseline)
+  # Steady state: after the first two checkpoint + eval cycles, which load
+  # code and warm caches once.
+  steady = next((s for s in samples if s["step"] > 2 * every), base)
+  last = samples[-1]
+  span = max(1, last["step"] - steady["step"])
+  return dict(samples=samples, seconds=round(time.time() - start, 1),
+              baseline_step=base["step"], last_step=last["step"],
+              rss_growth_mib=round(last["rss_mib"] - base["rss_mib"], 1),
+              object_growth=last["objects"] - base["objects"],
+              steady_step=steady["step"],
+              steady_rss_growth_mib=round(
+                  last["rss_mib"] - steady["rss_mib"], 1),
+              steady_mib_per_1000_steps=round(
+                  1000 * (last["rss_mib"] - steady["rss_mib"]) / span, 2),
+              steady_object_growth=last["objects"] - steady["objects"])
+
+
+def format_table(result):
+  lines = ["  step   RSS (MiB)   Python objects"]
+  for s in result["samples"]:
+    lines.append(f"{s['step']:>6}  {s['rss_mib']:>10.1f}  {s['objects']:>15,}")
+  lines.append(
+      f"growth from step {result['baseline_step']} to "
+      f"{result['last_step']}: {result['rss_growth_mib']:+.1f} MiB RSS, "
+      f"{result['object_growth']:+,} objects ({result['seconds']} s)")
+  lines.append(
+      f"steady state, step {result['steady_step']} to {result['last_step']}:"
+      f" {result['steady_rss_growth_mib']:+.1f} MiB RSS "
+      f"({result['steady_mib_per_1000_steps']:+.2f} MiB per 1000 steps), "
+      f"{result['steady_object_growth']:+,} objects")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  logging.set_verbosity(logging.WARNING)
+  result = measure(_WORKDIR.value, _STEPS.value, _EVERY.value,
+                   _BASELINE.value)
+  print(format_table(result))
+  if _JSON.value:
+    with open(_JSON.value, "w") as f:
+      json.dump(result, f, indent=2)
+  sys.stdout.flush()
+
+
+if __name__ == "__main__":
+  app.run(main)
