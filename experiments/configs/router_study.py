@@ -1,0 +1,187 @@
+r"""The router study: routers, capacity factors and expert counts at equal
+active FLOPs and equal steps, sized for a 2-core CPU (docs/router_study.md).
+
+The whole grid is one command (19 runs; 32 minutes on a 2-core machine
+that other jobs were loading). docs/router_study.md has the results, the
+seed repeats and the discussion:
+
+  python -m experiments.sweep --config=experiments/configs/router_study.py \
+      --sweep_dir=workdirs/router_study
+  python -m experiments.report --sweep_dir=workdirs/router_study \
+      --out_dir=docs/figures/router_study
+
+get_config(arg): comma-separated; `router` picks the run (bare values work:
+`top2`, `vit_soft`), `size` = study (default) | smoke (seconds; tests).
+
+LM runs (decoder on the embedded stdlib byte corpus; 4 layers, M=64, MoE in
+layers 1 and 3). Every MoE layer runs the FLOPs of one FFN of width F=128
+per token, the width of every FFN of the dense baseline:
+  dense     no MoE layers; mlp_dim F (the FLOP-matched dense model).
+  top1      Switch: token choice k=1, experts of width F, raw probability.
+  top2      GShard: token choice k=2, experts of width F/2, renormalised.
+  hash      hash routing of the token id, k=1, width F.
+  base      BASE layers (Sinkhorn-balanced top-1 at training time, greedy
+            top-1 at eval), width F. Its training assignment reads the whole
+            group (non-causal; allow_non_causal=True); the eval does not.
+  deepseek  DeepSeek-V3 style: one shared expert of width F/2, top-2 of 16
+            routed experts of width F/4 (sigmoid gates, renormalised),
+            aux-loss-free bias balancing (no load-balance loss; a 1e-4
+            sequence-wise loss), dropless.
+  expert_choice  experts pick tokens (capacity factor 1 = one expert per
+            token on average, width F). Non-causal in a decoder, so it needs
+            allow_non_causal=True and its loss is not comparable: not in the
+            grid; the ViT runs compare expert choice instead.
+Capacity: token choice routers train at capacity_factor 1.25 unless swept;
+the eval uses the same factor (eval_capacity_factor None), so drops count in
+the validation loss. `moe.engine=dropless` drops nothing.
+
+ViT runs (8x8 digits, 16 tokens per image = one routing group, E=8, MoE in
+layers 1 and 3), each MoE layer 2 expert FFNs per token:
+  vit_dense  no MoE (fewer FLOPs: one FFN per token).
+  vit_top2   token choice k=2, capacity factor 1.0 (C = 4 slots).
+  vit_bpr    the same with batch-prioritized routing (V-MoE BPR).
+  vit_ec     expert choice, capacity factor 2.0 (C = 4: the same slots).
+  vit_soft   Soft MoE with 4 slots per expert (32 slots = 2 per token).
+"""
+
+import importlib.util
+import os
+
+from ml_collections import config_dict
+
+from moejax.train import config as config_lib
+
+LM_ROUTERS = ("top1", "top2", "dense", "hash", "base", "deepseek",
+              "expert_choice")
+VIT_ROUTERS = ("vit_top2", "vit_bpr", "vit_ec", "vit_soft", "vit_dense")
+
+# LM: model width, layers, heads, F (dense FFN width = active FFN width of
+# each MoE layer), experts, sequence length, batch, steps.
+LM_SIZES = {
+    #         M   layers heads F    E  seq  batch steps
+    "study": (64, 4,     4,    128, 8, 128, 16,   250),
+    "smoke": (32, 2,     2,    64,  4, 32,  8,    6),
+}
+# ViT: model width, layers, heads, mlp, experts, batch, steps.
+VIT_SIZES = {
+    "study": (64, 4, 4, 128, 8, 64, 300),
+    "smoke": (16, 2, 2, 32, 4, 16, 6),
+}
+
+
+def _sibling(name):
+  """Loads experiments/configs/<name>.py (works without a package import)."""
+  path = os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                      name + ".py")
+  spec = importlib.util.spec_from_file_location(f"router_study_{name}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module
+
+
+def _lm_config(router, size):
+  m, layers, heads, f, experts, seq_len, batch, steps = LM_SIZES[size]
+  base = "dense" if router == "dense" else "moe"
+  c = _sibling("lm_stdlib").get_config(
+      f"{base},size={'smoke' if size == 'smoke' else 'small'},router=top1")
+  c.num_train_steps = steps
+  c.batch_size = batch
+  c.data.seq_len = seq_len
+  c.model.model_dim, c.model.num_layers, c.model.num_heads = m, layers, heads
+  c.model.mlp_dim = f
+  c.optimizer.warmup_steps = max(steps // 15, 1)
+  c.baseline_workdir = ""
+  # One device: on a 2-core CPU the 8 virtual devices of lm_stdlib only add
+  # collectives.
+  c.num_cpu_devices = 0
+  c.mesh.data, c.mesh.expert = -1, 1
+  c.expert_parallel = ""
+  if size == "study":
+    c.eval_every = steps // 2
+    c.checkpoint_every = steps // 2
+    c.eval_steps = 16
+  moe = c.moe
+  moe.num_experts = experts
+  # None: the eval uses the training factor.
+  moe.eval_capacity_factor = config_dict.placeholder(float)
+  moe.allow_non_causal = False
+  moe.num_shared_experts = 0
+  moe.shared_hidden_dim = config_dict.placeholder(int)
+  moe.bias_update_rate = 1e-3
+  if router == "dense":
+    return c
+  moe.k, moe.hidden_dim, moe.renormalize = 1, f, False
+  if router == "top2":
+    moe.k, moe.hidden_dim, moe.renormalize = 2, f // 2, True
+  elif router == "hash":
+    moe.router = "hash"
+  elif router == "base":
+    moe.router = "balanced"
+    moe.allow_non_causal = True          # training-time Sinkhorn only
+  elif router == "expert_choice":
+    moe.router = "expert_choice"
+    moe.capacity_factor = 1.0
+    moe.allow_non_causal = True
+  elif router == "deepseek":
+    moe.router = "deepseek"
+    moe.engine = "dropless"
+    moe.num_experts = 2 * experts
+    moe.k, moe.hidden_dim, moe.renormalize = 2, f // 4, True
+    moe.num_shared_experts, moe.shared_hidden_dim = 1, f // 2
+    # Short runs: a faster bias update than DeepSeek-V3's 1e-3.
+    moe.bias_update_rate = 1e-2
+    c.aux_loss_weights.load_balance = 0.0
+    c.aux_loss_weights.z_loss = 0.0
+    c.aux_loss_weights.sequence_balance = 1e-4
+  return c
+
+
+def _vit_config(router, size):
+  m, layers, heads, mlp, experts, batch, steps = VIT_SIZES[size]
+  variant = {"vit_dense": "dense", "vit_soft": "soft_moe"}.get(router, "moe")
+  c = _sibling("vit_digits").get_config(
+      f"{variant},size={'smoke' if size == 'smoke' else 'small'}")
+  c.num_train_steps = steps
+  c.batch_size = batch
+  c.model.model_dim, c.model.num_layers, c.model.num_heads = m, layers, heads
+  c.model.mlp_dim = mlp
+  c.num_cpu_devices = 0                  # one device (see _lm_config)
+  c.optimizer.warmup_steps = max(steps // 10, 1)
+  if size == "study":
+    c.eval_every = steps // 3
+    c.checkpoint_every = steps // 2
+  c.moe.num_experts = experts
+  if router == "vit_soft":
+    c.moe.slots_per_expert = 4
+  elif router != "vit_dense":
+    c.moe.eval_capacity_factor = config_dict.placeholder(float)
+    c.moe.batch_prioritized = router == "vit_bpr"
+    c.moe.capacity_factor = 1.0
+    if router == "vit_ec":
+      c.moe.router = "expert_choice"
+      c.moe.capacity_factor = 2.0
+  return c
+
+
+def get_config(arg=None):
+  opts = config_lib.parse_arg(arg, router=LM_ROUTERS + VIT_ROUTERS,
+                              size=("study", "smoke"))
+  if opts["router"] in VIT_ROUTERS:
+    return _vit_config(opts["router"], opts["size"])
+  return _lm_config(opts["router"], opts["size"])
+
+
+def sweep():
+  """The study: 14 LM runs, then 5 ViT runs."""
+  points = [{"config_arg": "dense"}]
+  for router in ("top1", "top2"):
+    for cf in (1.0, 1.25, 2.0):
+      points.append({"config_arg": router, "moe.capacity_factor": cf})
+    points.append({"config_arg": router, "moe.engine": "dropless"})
+  for experts in (4, 16):               # 8 is top1 at capacity factor 1.25
+    points.append({"config_arg": "top1", "moe.num_experts": experts})
+  for router in ("hash", "base", "deepseek"):
+    points.append({"config_arg": router})
+  for router in VIT_ROUTERS:
+    points.append({"config_arg": router})
+  return points

@@ -1,0 +1,468 @@
+r"""Figures and a results table from training workdirs (matplotlib, no display).
+
+  python -m experiments.report --sweep_dir=workdirs/router_study \
+      --out_dir=docs/figures/router_study
+  python -m experiments.report --workdirs=workdirs/a,workdirs/b --out_dir=out
+
+Inputs: a sweep directory (its sweep.json lists the runs and their
+overrides; experiments/sweep.py writes it) and/or workdirs given directly.
+A workdir needs metrics.jsonl, config.json and, once finished, summary.json
+(experiments/train.py writes them).
+
+Writes into --out_dir (PNG, --dpi 80 by default, so each is well under
+100 KB):
+  loss_<task>.png       train (smoothed) and validation loss over steps
+  expert_load.png       per-layer expert-load heatmaps over training steps
+                        (one row per MoE run, one column per MoE layer)
+  dropped_vs_cf.png     dropped fraction and validation loss against the
+                        capacity factor, one line per router (dropless runs
+                        as dashed lines)
+  router_entropy.png    router entropy over training (mean over layers,
+                        divided by ln E; ln(E*P) for Soft MoE's slots)
+  results.md, results.csv  one row per run (as experiments/sweep.py)
+
+--runs=REGEX keeps the runs whose name matches; --load_runs=REGEX picks the
+rows of expert_load.png. Needs matplotlib (the
+`report` extra: pip install -e '.[report]').
+"""
+
+import json
+import math
+import os
+import re
+
+from absl import app
+from absl import flags
+from absl import logging
+
+from experiments import sweep as sweep_lib
+
+_SWEEP_DIR = flags.DEFINE_string(
+    "sweep_dir", None, "A sweep directory (with sweep.json).")
+_WORKDIRS = flags.DEFINE_list(
+    "workdirs", [], "Training workdirs (comma-separated), besides the "
+    "sweep's runs.")
+_OUT_DIR = flags.DEFINE_string(
+    "out_dir", None, "Where the figures and tables go (default: "
+    "<sweep_dir>/report, or ./report).")
+_RUNS = flags.DEFINE_string(
+    "runs", None, "Regex: keep only the runs whose name matches (search).")
+_LOAD_RUNS = flags.DEFINE_string(
+    "load_runs", None, "Regex: the runs drawn in expert_load.png (default: "
+    "every MoE run kept by --runs).")
+_DPI = flags.DEFINE_integer("dpi", 80, "PNG resolution.", lower_bound=20)
+
+MOE_PREFIX = "train/moe/layer"
+
+
+# ------------------------------------------------------------- loading
+
+
+def _float(value):
+  if isinstance(value, str):
+    try:
+      return float(value)  # 'nan', 'inf' as JSONL writes them
+    except ValueError:
+      return None
+  return value
+
+
+def read_metrics(workdir):
+  """metrics.jsonl as a list of dicts (NaN/Inf strings as floats)."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  out = []
+  if not os.path.exists(path):
+    return out
+  with open(path) as f:
+    for line in f:
+      line = line.strip()
+      if not line:
+        continue
+      try:
+        record = json.loads(line)
+      except ValueError:
+        continue  # a line cut by a crash
+      out.append({k: _float(v) if not isinstance(v, list) else v
+                  for k, v in record.items()})
+  return out
+
+
+def _read_json(path):
+  try:
+    with open(path) as f:
+      return json.load(f)
+  except (OSError, ValueError):
+    return None
+
+
+class RunData:
+  """One run: its name, overrides, config, summary and metrics."""
+
+  def __init__(self, name, workdir, point=None):
+    self.name = name
+    self.workdir = workdir
+    self.point = dict(point or {})
+    self.config = _read_json(os.path.join(workdir, "config.json")) or {}
+    self.summary = sweep_lib.read_summary(workdir)
+    self.metrics = read_metrics(workdir)
+
+  @property
+  def task(self):
+    return self.config.get("task") or (self.summary or {}).get("task", "?")
+
+  def moe(self, key, default=None):
+    return (self.config.get("moe") or {}).get(key, default)
+
+  @property
+  def moe_layers(self):
+    layers = set()
+    for record in self.metrics:
+      for key in record:
+        if key.startswith(MOE_PREFIX):
+          layers.add(int(key[len(MOE_PREFIX):].split("/")[0]))
+    return sorted(layers)
+
+  def series(self, key):
+    """(steps, values) of a scalar metric, skipping missing/non-finite."""
+    steps, values = [], []
+    for record in self.metrics:
+      v = record.get(key)
+      if isinstance(v, (int, float)) and math.isfinite(v):
+        steps.append(record["step"])
+        values.append(float(v))
+    return steps, values
+
+  def load_matrix(self, layer):
+    """(steps, <float>[E, steps]) expert load of one layer over training."""
+    key = f"{MOE_PREFIX}{layer}/expert_load"
+    steps, cols = [], []
+    for record in self.metrics:
+      if isinstance(record.get(key), list):
+        steps.append(record["step"])
+        cols.append(record[key])
+    if not cols:
+      return [], None
+    import numpy as np  # pylint: disable=g-import-not-at-top
+    return steps, np.asarray(cols, dtype=float).T
+
+
+def load_runs(sweep_dir=None, workdirs=(), runs_regex=None):
+  """RunData for a sweep's runs (sweep.json) and extra workdirs."""
+  runs = []
+  if sweep_dir:
+    manifest = _read_json(os.path.join(sweep_dir, "sweep.json"))
+    if manifest is None:
+      raise ValueError(f"{sweep_dir} has no sweep.json (run "
+                       f"experiments/sweep.py first, or pass --workdirs)")
+    for r in manifest["runs"]:
+      workdir = r["workdir"]
+      if not os.path.isabs(workdir) and not os.path.exists(workdir):
+        workdir = os.path.join(sweep_dir, r["name"])
+      runs.append(RunData(r["name"], workdir, r.get("point")))
+  for workdir in workdirs:
+    runs.append(RunData(os.path.basename(os.path.normpath(workdir)),
+                        workdir))
+  if runs_regex:
+    runs = [r for r in runs if re.search(runs_regex, r.name)]
+  return [r for r in runs if r.metrics or r.summary]
+
+
+# ------------------------------------------------------------- figures
+
+
+def _plt():
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  return plt
+
+
+def smooth(values, window):
+  """Trailing moving average (the first points average what there is)."""
+  out, total = [], 0.0
+  for i, v in enumerate(values):
+    total += v
+    if i >= window:
+      total -= values[i - window]
+    out.append(total / min(i + 1, window))
+  return out
+
+
+def _save(fig, path, dpi):
+  fig.savefig(path, dpi=dpi, bbox_inches="tight")
+  _plt().close(fig)
+  return path
+
+
+def _colors(n):
+  plt = _plt()
+  cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
+  return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _zoom(ax, start_fraction):
+  """Sets ax's y-limits to the lines' values after `start_fraction` of
+  their x range (the start of training dwarfs the differences)."""
+  ys = []
+  for line in ax.get_lines():
+    xs = list(line.get_xdata())
+    if xs:
+      cut = start_fraction * max(xs)
+      ys += [y for x, y in zip(xs, line.get_ydata()) if x >= cut]
+  if ys:
+    lo, hi = min(ys), max(ys)
+    pad = 0.05 * (hi - lo) + 1e-6
+    ax.set_ylim(lo - pad, hi + pad)
+
+
+def plot_losses(runs, path, dpi=80):
+  """Train loss (moving average) and validation loss against steps, one
+  colour per run, and the final validation loss of each run as labelled
+  bars (they name the colours)."""
+  plt = _plt()
+  fig, (ax_t, ax_v, ax_b) = plt.subplots(
+      1, 3, figsize=(12, 0.9 + max(3.0, 0.24 * len(runs))),
+      gridspec_kw=dict(width_ratios=[1.1, 1.0, 1.0]), layout="constrained")
+  finals = []
+  for run, color in zip(runs, _colors(len(runs))):
+    steps, values = run.series("train/ce_loss")
+    if steps:
+      window = max(1, len(values) // 25)
+      ax_t.plot(steps, smooth(values, window), color=color, lw=1)
+    steps, values = run.series("eval/ce_loss")
+    if steps:
+      ax_v.plot(steps, values, "o-", color=color, lw=1, ms=3)
+      finals.append((values[-1], run.name, color))
+  ax_t.set_title("train loss (moving average)")
+  ax_v.set_title("validation loss")
+  for ax in (ax_t, ax_v):
+    ax.set_xlabel("step")
+    ax.set_ylabel("cross-entropy")
+    ax.grid(alpha=0.3)
+  _zoom(ax_t, 0.3)
+  _zoom(ax_v, 0.3)
+  finals.sort()
+  if finals:
+    ys = range(len(finals))
+    ax_b.barh(ys, [f[0] for f in finals], color=[f[2] for f in finals])
+    ax_b.set_yticks(list(ys), [f[1] for f in finals], fontsize=7)
+    ax_b.invert_yaxis()
+    lo, hi = finals[0][0], finals[-1][0]
+    pad = 0.1 * (hi - lo) + 1e-3
+    ax_b.set_xlim(lo - 4 * pad, hi + 3 * pad)
+    for y, (value, _, _) in zip(ys, finals):
+      ax_b.text(value, y, f" {value:.4f}", va="center", fontsize=6)
+  ax_b.set_title("final validation loss")
+  ax_b.grid(alpha=0.3, axis="x")
+  return _save(fig, path, dpi)
+
+
+def _bin_columns(steps, mat, max_bins):
+  """Averages the columns of mat [E, T] into at most max_bins time bins;
+  returns (bin edges in steps, binned mat)."""
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  t = mat.shape[1]
+  n = min(t, max_bins)
+  edges = np.linspace(0, t, n + 1).round().astype(int)
+  binned = np.stack([mat[:, a:b].mean(axis=1)
+                     for a, b in zip(edges[:-1], edges[1:])], axis=1)
+  step_edges = [steps[0] - 0.5] + [steps[b - 1] + 0.5 for b in edges[1:]]
+  return step_edges, binned
+
+
+def plot_expert_load(runs, path, dpi=80, max_bins=60):
+  """Heatmaps: one row per MoE run, one column per layer; x = step (averaged
+  into at most `max_bins` bins), y = expert, colour = the expert's share of
+  the kept assignments times E (1 = a uniform load)."""
+  plt = _plt()
+  from matplotlib import colors  # pylint: disable=g-import-not-at-top
+  runs = [r for r in runs if r.moe_layers]
+  if not runs:
+    return None
+  ncols = max(len(r.moe_layers) for r in runs)
+  fig, axes = plt.subplots(len(runs), ncols, squeeze=False,
+                           figsize=(3.6 * ncols, 0.8 + 1.0 * len(runs)),
+                           layout="constrained")
+  norm = colors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=3.0)
+  image = None
+  for i, run in enumerate(runs):
+    for j in range(ncols):
+      ax = axes[i][j]
+      steps, mat = (run.load_matrix(run.moe_layers[j])
+                    if j < len(run.moe_layers) else ([], None))
+      if mat is None:
+        ax.axis("off")
+        continue
+      edges, binned = _bin_columns(steps, mat * mat.shape[0], max_bins)
+      image = ax.pcolormesh(edges, range(mat.shape[0] + 1), binned,
+                            cmap="RdBu_r", norm=norm, shading="flat")
+      ax.invert_yaxis()
+      ax.set_title(f"{run.name}: layer {run.moe_layers[j]}", fontsize=7)
+      ax.set_ylabel("expert", fontsize=6)
+      ax.tick_params(labelsize=6)
+      if i == len(runs) - 1:
+        ax.set_xlabel("step", fontsize=7)
+  if image is not None:
+    fig.colorbar(image, ax=axes, fraction=0.03, pad=0.01, aspect=40,
+                 label="expert load x E (1 = uniform)")
+  return _save(fig, path, dpi)
+
+
+def _router_label(run):
+  """The run's name without its capacity-factor / engine overrides."""
+  parts = [p for p in run.name.split(",")
+           if not p.startswith(("moe.capacity_factor=", "moe.engine="))]
+  return ",".join(parts) or "default"
+
+
+def _summary_mean(run, key):
+  layers = (run.summary or {}).get("moe_layers") or []
+  values = [l[key] for l in layers if l.get(key) is not None]
+  return sum(values) / len(values) if values else None
+
+
+def plot_dropped_vs_cf(runs, path, dpi=80):
+  """Dropped fraction and validation loss against the capacity factor.
+
+  Runs group by their name without the capacity factor and engine; a group
+  with two or more capacity factors is a line; its dropless run (engine
+  'dropless' or 'pallas') is a dashed horizontal line.
+  """
+  plt = _plt()
+  groups = {}
+  for run in runs:
+    if not run.summary or not run.moe_layers:
+      continue
+    groups.setdefault(_router_label(run), []).append(run)
+  fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
+  colors = _colors(max(len(groups), 1))
+  drawn = False
+  for (label, members), color in zip(groups.items(), colors):
+    capped = sorted(
+        [r for r in members if r.moe("engine") not in ("dropless", "pallas")
+         and r.moe("capacity_factor") is not None],
+        key=lambda r: r.moe("capacity_factor"))
+    dropless = [r for r in members if r.moe("engine") in ("dropless",
+                                                          "pallas")]
+    if len({r.moe("capacity_factor") for r in capped}) < 2:
+      continue
+    drawn = True
+    cfs = [r.moe("capacity_factor") for r in capped]
+    ax_d.plot(cfs, [_summary_mean(r, "dropped_fraction") for r in capped],
+              "o-", color=color, label=label)
+    ax_l.plot(cfs, [r.summary.get("eval_ce_loss") for r in capped], "o-",
+              color=color, label=label)
+    for r in dropless:
+      loss = r.summary.get("eval_ce_loss")
+      if loss is not None:
+        ax_l.axhline(loss, color=color, ls="--", lw=1,
+                     label=f"{label} dropless")
+  ax_d.set_xlabel("capacity factor")
+  ax_d.set_ylabel("dropped fraction (train)")
+  ax_d.set_title("dropped assignments")
+  ax_l.set_xlabel("capacity factor")
+  ax_l.set_ylabel("validation loss")
+  ax_l.set_title("validation loss (dashed: dropless)")
+  for ax in (ax_d, ax_l):
+    ax.grid(alpha=0.3)
+  if drawn:
+    ax_d.legend(fontsize=8)
+    ax_l.legend(fontsize=7)
+  else:
+    ax_d.text(0.5, 0.5, "no run group with 2+ capacity factors",
+              ha="center", transform=ax_d.transAxes)
+  return _save(fig, path, dpi)
+
+
+def _num_choices(run):
+  """What the router chooses among: E experts, or E*P slots (Soft MoE)."""
+  e = run.moe("num_experts") or 0
+  return e * (run.moe("slots_per_expert") or 1)
+
+
+def plot_router_entropy(runs, path, dpi=80):
+  """Router entropy over training steps (mean over MoE layers), divided by
+  its maximum ln(E) (ln(E*P) for Soft MoE slots)."""
+  plt = _plt()
+  runs = [r for r in runs if r.moe_layers]
+  fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
+  for run, color in zip(runs, _colors(max(len(runs), 1))):
+    per_layer = [dict(zip(*run.series(f"{MOE_PREFIX}{l}/router_entropy")))
+                 for l in run.moe_layers]
+    steps = sorted(set.intersection(*(set(d) for d in per_layer))
+                   if per_layer else set())
+    n = _num_choices(run)
+    if not steps or n < 2:
+      continue
+    values = [sum(d[s] for d in per_layer) / len(per_layer) / math.log(n)
+              for s in steps]
+    window = max(1, len(values) // 25)
+    ax.plot(steps, smooth(values, window), color=color, lw=1,
+            label=run.name)
+  ax.set_xlabel("step")
+  ax.set_ylabel("router entropy / ln E")
+  ax.set_title("router entropy (mean over layers; 1 = uniform)")
+  ax.grid(alpha=0.3)
+  if ax.get_lines():
+    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  return _save(fig, path, dpi)
+
+
+def write_tables(runs, out_dir):
+  rows = []
+  for run in runs:
+    fake = sweep_lib.Run(name=run.name, point=run.point, config_arg="",
+                         workdir=run.workdir, argv=[],
+                         total_steps=int(run.config.get("num_train_steps")
+                                         or 0))
+    rows.append(sweep_lib.result_row(fake))
+  sweep_lib.write_csv(rows, os.path.join(out_dir, "results.csv"))
+  with open(os.path.join(out_dir, "results.md"), "w") as f:
+    f.write(sweep_lib.markdown_table(rows))
+  return rows
+
+
+def make_report(runs, out_dir, dpi=80, load_runs=None):
+  """Writes every figure and the tables; returns the paths written.
+
+  load_runs: a regex choosing the runs of expert_load.png (None: all).
+  """
+  if not runs:
+    raise ValueError("no runs with metrics to report")
+  os.makedirs(out_dir, exist_ok=True)
+  written = []
+  tasks = {}
+  for run in runs:
+    tasks.setdefault(run.task, []).append(run)
+  for task, members in tasks.items():
+    written.append(plot_losses(members, os.path.join(out_dir,
+                                                     f"loss_{task}.png"),
+                               dpi))
+  load = [r for r in runs if not load_runs or re.search(load_runs, r.name)]
+  for fn, chosen, name in (
+      (plot_expert_load, load, "expert_load.png"),
+      (plot_dropped_vs_cf, runs, "dropped_vs_cf.png"),
+      (plot_router_entropy, runs, "router_entropy.png")):
+    path = fn(chosen, os.path.join(out_dir, name), dpi)
+    if path:
+      written.append(path)
+  write_tables(runs, out_dir)
+  written += [os.path.join(out_dir, "results.csv"),
+              os.path.join(out_dir, "results.md")]
+  return written
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  if not _SWEEP_DIR.value and not _WORKDIRS.value:
+    raise app.UsageError("give --sweep_dir and/or --workdirs")
+  logging.set_verbosity(logging.WARNING)
+  out_dir = _OUT_DIR.value or os.path.join(_SWEEP_DIR.value or ".", "report")
+  runs = load_runs(_SWEEP_DIR.value, _WORKDIRS.value, _RUNS.value)
+  for path in make_report(runs, out_dir, _DPI.value, _LOAD_RUNS.value):
+    print(path)
+
+
+if __name__ == "__main__":
+  app.run(main)
