@@ -155,6 +155,9 @@ def flaxformer_benches(cfg, router_kind, modes, modules, seed=0):
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
+  if not FLAGS["output"].present:
+    # benchmark.py's default file holds the main benchmark's results.
+    FLAGS.output = "benchmark_flaxformer.json"
   modules = _import_flaxformer(_FLAXFORMER_PATH.value)
   cfg = bench.reference_config()
   modes = list(bench._MODES.value)  # pylint: disable=protected-access

@@ -29,8 +29,9 @@ _STEPS = flags.DEFINE_integer("steps", 2000, "Training steps.")
 _EVERY = flags.DEFINE_integer("every", 500, "Checkpoint and eval interval.")
 _BASELINE = flags.DEFINE_integer(
     "baseline_step", 200, "Growth is measured from this step.")
-_WORKDIR = flags.DEFINE_string("workdir", None, "Scratch workdir (emptied).",
-                               required=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Scratch workdir: must not exist, or be one this script "
+    "made before (it is emptied then).", required=True)
 _JSON = flags.DEFINE_string("json", None, "Also write the samples here.")
 
 
@@ -51,7 +52,36 @@ def sample_steps(steps, every, baseline):
   return sorted(p for p in points if 1 <= p <= steps)
 
 
+# Marks a workdir this script made, so that a rerun may empty it.
+_MARKER = ".memory_growth_workdir"
+
+
+def prepare_workdir(workdir):
+  """Empties a workdir this script made before, creates a new one; refuses
+  any other existing, non-empty directory (it could hold a real run)."""
+  if os.path.isdir(workdir) and os.listdir(workdir):
+    if not os.path.exists(os.path.join(workdir, _MARKER)):
+      raise ValueError(
+          f"--workdir={workdir} exists and was not made by this script; "
+          f"refusing to empty it. Give a new directory.")
+    shutil.rmtree(workdir)
+  os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, _MARKER), "w") as f:
+    f.write("scratch workdir of experiments/memory_growth.py\n")
+
+
+def check_args(steps, every, baseline):
+  """ValueError naming the flag unless 1 <= baseline_step <= steps and
+  every >= 1."""
+  if steps < 1 or every < 1:
+    raise ValueError(f"--steps={steps} and --every={every} must be >= 1")
+  if not 1 <= baseline < steps:
+    raise ValueError(f"--baseline_step={baseline} must be in [1, --steps) "
+                     f"= [1, {steps})")
+
+
 def make_config(steps, every):
+  """The smoke LM config with checkpoints and evals every `every` steps."""
   from experiments.configs import lm_stdlib  # pylint: disable=g-import-not-at-top
   c = lm_stdlib.get_config("size=smoke")
   c.num_train_steps = steps
@@ -65,7 +95,8 @@ def make_config(steps, every):
 def measure(workdir, steps, every, baseline, stream=None):
   """Runs the loop; returns {'samples': [{step, rss_mib, objects}], ...}."""
   from moejax import train  # pylint: disable=g-import-not-at-top
-  shutil.rmtree(workdir, ignore_errors=True)
+  check_args(steps, every, baseline)
+  prepare_workdir(workdir)
   wanted = set(sample_steps(steps, every, baseline))
   samples = []
 
@@ -77,9 +108,9 @@ def measure(workdir, steps, every, baseline, stream=None):
                           objects=len(gc.get_objects())))
 
   start = time.time()
-  train.train_and_evaluate(make_config(steps, every), workdir,
-                           stream=stream or open(os.devnull, "w"),
-                           on_log=on_log)
+  with open(os.devnull, "w") as devnull:
+    train.train_and_evaluate(make_config(steps, every), workdir,
+                             stream=stream or devnull, on_log=on_log)
   base = next(s for s in samples if s["step"] >= baseline)
   # Steady state: after the first two checkpoint + eval cycles, which load
   # code and warm caches once.
@@ -99,6 +130,7 @@ def measure(workdir, steps, every, baseline, stream=None):
 
 
 def format_table(result):
+  """The samples and the growth figures of `measure`'s result, as text."""
   lines = ["  step   RSS (MiB)   Python objects"]
   for s in result["samples"]:
     lines.append(f"{s['step']:>6}  {s['rss_mib']:>10.1f}  {s['objects']:>15,}")
@@ -117,6 +149,10 @@ def format_table(result):
 def main(argv):
   del argv
   logging.set_verbosity(logging.WARNING)
+  try:
+    check_args(_STEPS.value, _EVERY.value, _BASELINE.value)
+  except ValueError as e:
+    raise app.UsageError(str(e)) from None
   result = measure(_WORKDIR.value, _STEPS.value, _EVERY.value,
                    _BASELINE.value)
   print(format_table(result))

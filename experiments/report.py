@@ -26,6 +26,7 @@ rows of expert_load.png. Needs matplotlib (the
 `report` extra: pip install -e '.[report]').
 """
 
+import functools
 import json
 import math
 import os
@@ -113,8 +114,9 @@ class RunData:
   def moe(self, key, default=None):
     return (self.config.get("moe") or {}).get(key, default)
 
-  @property
+  @functools.cached_property
   def moe_layers(self):
+    """Indices of the MoE layers that have per-layer metrics (sorted)."""
     layers = set()
     for record in self.metrics:
       for key in record:
@@ -409,6 +411,7 @@ def plot_router_entropy(runs, path, dpi=80):
 
 
 def write_tables(runs, out_dir):
+  """results.csv and results.md of `runs` (RunData) in out_dir; the rows."""
   rows = []
   for run in runs:
     fake = sweep_lib.Run(name=run.name, point=run.point, config_arg="",

@@ -86,6 +86,7 @@ class Run:
   workdir: str
   argv: list           # experiments/train.py flags
   total_steps: int
+  config: dict = None  # the run's full config (as config.json stores it)
 
 
 # ------------------------------------------------------------- config files
@@ -111,6 +112,7 @@ def split_config_flag(value):
 
 
 def join_args(*args):
+  """Comma-joins the non-empty get_config args ('size=smoke', 'top1')."""
   return ",".join(a for a in args if a)
 
 
@@ -305,8 +307,37 @@ def build_config(module, config_arg, overrides):
   return config
 
 
+_DEVICE_PROBE = "import jax; print(jax.device_count(), jax.default_backend())"
+
+
+def probe_devices():
+  """(device count, backend name) that a training started by this sweep sees.
+
+  Asked of a short-lived subprocess with the trainings' environment, so
+  that the sweep process itself never opens the accelerator: on a TPU that
+  would hold the chip for the whole sweep and no training could start; on a
+  GPU it would take most of the memory the trainings need.
+  """
+  proc = subprocess.run([sys.executable, "-c", _DEVICE_PROBE], env=_env(),
+                        capture_output=True, text=True, timeout=600)
+  words = proc.stdout.split()
+  if proc.returncode or len(words) < 2:
+    tail = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise GridError(f"could not count the devices a run would see: {tail}")
+  return int(words[-2]), words[-1]
+
+
+def _run_devices(config, devices):
+  """The devices a run's mesh must cover: config.num_cpu_devices on CPU when
+  set (experiments/train.py asks JAX for that many), else the count."""
+  count, backend = devices
+  if backend == "cpu" and config.get("num_cpu_devices"):
+    return int(config.num_cpu_devices)
+  return count
+
+
 def make_runs(config_flag, sweep_dir, *, file_grid=True, axes=None,
-              fixed=None, check=True, check_models=True):
+              fixed=None, check=True, check_models=True, devices=None):
   """The runs of a sweep, every point checked before anything runs.
 
   Args:
@@ -317,6 +348,8 @@ def make_runs(config_flag, sweep_dir, *, file_grid=True, axes=None,
     fixed: {field: value} from --config.*, set in every run.
     check: run moejax.train.validate_config on each run's config.
     check_models: also build each distinct model with nnx.eval_shape.
+    devices: (count, backend) the trainings will see (probe_devices());
+      None: this process's JAX devices.
   Returns:
     A list of Run.
   Raises:
@@ -360,7 +393,8 @@ def make_runs(config_flag, sweep_dir, *, file_grid=True, axes=None,
     if check:
       from moejax.train import loop  # pylint: disable=g-import-not-at-top
       try:
-        loop.validate_config(config)
+        loop.validate_config(config, num_devices=(
+            None if devices is None else _run_devices(config, devices)))
       except ValueError as e:
         raise GridError(f"{where}: {e}") from None
       model_key = json.dumps(
@@ -391,14 +425,49 @@ def make_runs(config_flag, sweep_dir, *, file_grid=True, axes=None,
     argv.append(f"--workdir={workdir}")
     runs.append(Run(name=name, point=typed_point, config_arg=arg,
                     workdir=workdir, argv=argv,
-                    total_steps=int(config.num_train_steps)))
+                    total_steps=int(config.num_train_steps),
+                    config=json.loads(json.dumps(config.to_dict(),
+                                                 default=str))))
   return runs
+
+
+# Fields whose change does not change what a run computes: a run that
+# exists with other values of these is reused (more steps: it resumes).
+REUSE_IGNORED = ("num_train_steps", "stop_after_steps", "log_every",
+                 "checkpoint_every", "max_checkpoints_to_keep",
+                 "async_checkpointing")
+
+
+def changed_runs(runs):
+  """[(run, [(field, old, new)])] for runs whose workdir already holds a
+  config.json that differs from the run's config (outside REUSE_IGNORED).
+
+  Skipping such a finished run, or resuming an unfinished one, would mix
+  results of two different configs in one table.
+  """
+  from moejax.train import validation  # pylint: disable=g-import-not-at-top
+  out = []
+  for run in runs:
+    path = os.path.join(run.workdir, "config.json")
+    if run.config is None or not os.path.exists(path):
+      continue
+    try:
+      with open(path) as f:
+        saved = json.load(f)
+    except (OSError, ValueError):
+      continue  # an unreadable config.json: train.py rewrites it
+    diffs = validation.config_differences(
+        saved, run.config, include=lambda f: f not in REUSE_IGNORED)
+    if diffs:
+      out.append((run, diffs))
+  return out
 
 
 # ------------------------------------------------------------- running
 
 
 def read_summary(workdir):
+  """workdir/summary.json as a dict, or None if missing or unreadable."""
   path = os.path.join(workdir, "summary.json")
   try:
     with open(path) as f:
@@ -408,11 +477,13 @@ def read_summary(workdir):
 
 
 def is_finished(run):
+  """Whether the run's summary reports its last step (num_train_steps)."""
   summary = read_summary(run.workdir)
   return bool(summary) and int(summary.get("step", 0)) >= run.total_steps
 
 
 def train_command(run):
+  """The argv that trains `run` (experiments/train.py in a subprocess)."""
   return [sys.executable, "-m", "experiments.train", *run.argv]
 
 
@@ -424,8 +495,13 @@ def _env():
   return env
 
 
-class _Interrupted(Exception):
-  pass
+class SweepInterrupted(KeyboardInterrupt):
+  """SIGTERM/SIGINT stopped the sweep; `status` holds each run's status at
+  that point (the running ones as 'interrupted')."""
+
+  def __init__(self, status):
+    super().__init__()
+    self.status = status
 
 
 def run_sweep(runs, sweep_dir, *, parallel=1, keep_going=True,
@@ -433,51 +509,43 @@ def run_sweep(runs, sweep_dir, *, parallel=1, keep_going=True,
   """Runs the unfinished runs, `parallel` at a time, as subprocesses.
 
   Each run appends its stdout and stderr to <workdir>/train.log. SIGTERM or
-  SIGINT to this process sends SIGTERM to the running trainings, waits for
-  them and raises KeyboardInterrupt; the next sweep resumes them.
+  SIGINT to this process sends SIGTERM to the running trainings (which save
+  a checkpoint and exit), waits for them (further signals are absorbed
+  meanwhile), and raises SweepInterrupted; the next sweep resumes them. On any
+  other exception the running trainings are stopped the same way, so no
+  training outlives the sweep.
 
-  Returns {run name: 'finished' | 'skipped' | 'failed (rc N)' | 'not run'}.
+  Returns {run name: 'finished' | 'skipped' | 'stopped' | 'failed (rc N)' |
+  'not run'}; 'stopped' is a run that exited cleanly before its last step
+  (config.stop_after_steps), which the next sweep continues.
   """
+  del sweep_dir  # the runs carry their workdirs
   status = {}
-  todo = []
+  queue = []
   for run in runs:
     if is_finished(run):
       status[run.name] = "skipped"
       log(f"[sweep] skip {run.name}: finished ({run.total_steps} steps)")
     else:
       status[run.name] = "not run"
-      todo.append(run)
+      queue.append(run)
   running = {}  # name -> (Popen, log file, start time, run)
   env = _env()
   stop = []
 
   def handler(signum, frame):
     del frame
-    stop.append(signum)
-    raise _Interrupted()
+    stop.append(signum)  # acted on between polls, never mid-bookkeeping
 
   old = {s: signal.signal(s, handler) for s in (signal.SIGTERM,
                                                  signal.SIGINT)}
   failed = False
   try:
-    queue = list(todo)
-    while queue or running:
-      while queue and len(running) < parallel and not (failed and
-                                                       not keep_going):
+    while (queue or running) and not stop:
+      while (queue and len(running) < parallel and not stop and
+             not (failed and not keep_going)):
         run = queue.pop(0)
-        os.makedirs(run.workdir, exist_ok=True)
-        cmd = train_command(run)
-        with open(os.path.join(run.workdir, "command.txt"), "w") as f:
-          f.write(shlex.join(cmd[1:]) + "\n")
-        resume = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
-        log(f"[sweep] {'resume' if resume else 'start'} {run.name}")
-        logf = open(os.path.join(run.workdir, "train.log"), "a")
-        logf.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} "
-                   f"{shlex.join(cmd[1:])}\n")
-        logf.flush()
-        proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
-                                env=env, start_new_session=True)
-        running[run.name] = (proc, logf, time.monotonic(), run)
+        _start(run, env, running, log)
       if failed and not keep_going and not running:
         break
       time.sleep(0.2)
@@ -491,6 +559,11 @@ def run_sweep(runs, sweep_dir, *, parallel=1, keep_going=True,
         if rc == 0 and is_finished(run):
           status[name] = "finished"
           log(f"[sweep] done {name} in {took:.0f}s")
+        elif rc == 0:
+          status[name] = "stopped"
+          log(f"[sweep] {name} stopped before its last step after "
+              f"{took:.0f}s (stop_after_steps); the same command continues "
+              f"it")
         else:
           status[name] = f"failed (rc {rc})"
           failed = True
@@ -498,19 +571,49 @@ def run_sweep(runs, sweep_dir, *, parallel=1, keep_going=True,
               f"{os.path.join(run.workdir, 'train.log')}")
         if on_change:
           on_change(status)
-  except _Interrupted:
-    sig = signal.Signals(stop[0]).name if stop else "signal"
-    log(f"[sweep] {sig}: stopping {len(running)} running run(s); the same "
-        f"command resumes them")
-    _stop_all(running)
-    raise KeyboardInterrupt() from None
+    if stop:
+      sig = signal.Signals(stop[0]).name
+      log(f"[sweep] {sig}: stopping {len(running)} running run(s); the same "
+          f"command resumes them")
+      for name in running:
+        status[name] = "interrupted"
+      raise SweepInterrupted(status)
   finally:
+    if running:
+      # Still under `handler`, which only records: a further signal cannot
+      # cut this wait short and leave trainings running unwatched.
+      _stop_all(running)
     for s, h in old.items():
       signal.signal(s, h)
   return status
 
 
+def _start(run, env, running, log):
+  """Starts one run's training process; adds it to `running`."""
+  os.makedirs(run.workdir, exist_ok=True)
+  cmd = train_command(run)
+  with open(os.path.join(run.workdir, "command.txt"), "w") as f:
+    f.write(shlex.join(cmd[1:]) + "\n")
+  resume = os.path.isdir(os.path.join(run.workdir, "checkpoints"))
+  log(f"[sweep] {'resume' if resume else 'start'} {run.name}")
+  logf = open(os.path.join(run.workdir, "train.log"), "a")
+  try:
+    logf.write(f"\n# {time.strftime('%Y-%m-%d %H:%M:%S')} "
+               f"{shlex.join(cmd[1:])}\n")
+    logf.flush()
+    # Its own session: a Ctrl-C in the terminal reaches only the sweep,
+    # which then stops the runs with SIGTERM (a checkpoint, then exit).
+    proc = subprocess.Popen(cmd, stdout=logf, stderr=subprocess.STDOUT,
+                            env=env, start_new_session=True)
+  except BaseException:
+    logf.close()
+    raise
+  running[run.name] = (proc, logf, time.monotonic(), run)
+
+
 def _stop_all(running, timeout=120):
+  """SIGTERM to every running training; waits up to `timeout` s in all,
+  then kills what is left."""
   for proc, _, _, _ in running.values():
     if proc.poll() is None:
       proc.send_signal(signal.SIGTERM)
@@ -522,6 +625,7 @@ def _stop_all(running, timeout=120):
       proc.kill()
       proc.wait()
     logf.close()
+  running.clear()
 
 
 # ------------------------------------------------------------- results
@@ -564,6 +668,7 @@ def columns_of(rows):
 
 
 def write_csv(rows, path):
+  """Writes result rows to `path` (atomically), columns as columns_of."""
   cols = columns_of(rows)
   tmp = path + ".tmp"
   with open(tmp, "w", newline="") as f:
@@ -575,6 +680,7 @@ def write_csv(rows, path):
 
 
 def read_csv(path):
+  """The rows of a results.csv as dicts of strings."""
   with open(path, newline="") as f:
     return list(csv.DictReader(f))
 
@@ -591,6 +697,7 @@ HEADERS = {
 
 
 def format_value(key, value):
+  """A result value as the markdown table shows it ('' for None)."""
   if value is None or value == "":
     return ""
   try:
@@ -624,13 +731,14 @@ def markdown_table(rows, columns=None, drop=("status",)):
 def write_results(runs, sweep_dir, status=None):
   """Writes results.csv and results.md for `runs`; returns the rows.
 
-  `status` ({name: ...} from run_sweep) marks failed runs; every other
-  run's status comes from its summary.json.
+  `status` ({name: ...} from run_sweep) marks failed, interrupted and
+  stopped runs; every other run's status comes from its summary.json.
   """
   rows = []
   for run in runs:
     s = (status or {}).get(run.name, "")
-    rows.append(result_row(run, s if s.startswith("failed") else None))
+    kept = s.startswith("failed") or s in ("interrupted", "stopped")
+    rows.append(result_row(run, s if kept else None))
   os.makedirs(sweep_dir, exist_ok=True)
   write_csv(rows, os.path.join(sweep_dir, "results.csv"))
   md = markdown_table(rows)
@@ -643,6 +751,8 @@ def write_results(runs, sweep_dir, status=None):
 
 
 def write_manifest(runs, sweep_dir, config_flag):
+  """sweep_dir/sweep.json: the config flag and every run's point, workdir
+  and command."""
   os.makedirs(sweep_dir, exist_ok=True)
   manifest = dict(config=config_flag, runs=[
       dict(name=r.name, point=r.point, config_arg=r.config_arg,
@@ -682,11 +792,29 @@ def main(argv):
     sys.exit(f"sweep: bad grid: {_PARSED['error']}")
   sweep_dir = _SWEEP_DIR.value
   try:
+    devices = probe_devices()
+    # From here on this process uses JAX (config checks, model shapes) on
+    # the CPU only; the trainings, its subprocesses, get the accelerator.
+    import jax  # pylint: disable=g-import-not-at-top
+    jax.config.update("jax_platforms", "cpu")
     runs = make_runs(_CONFIG.value, sweep_dir, file_grid=_FILE_GRID.value,
                      axes=_PARSED.get("axes"), fixed=_PARSED.get("fixed"),
-                     check_models=_CHECK_MODELS.value)
+                     check_models=_CHECK_MODELS.value, devices=devices)
   except GridError as e:
     sys.exit(f"sweep: bad grid: {e}")
+  changed = changed_runs(runs)
+  if changed:
+    lines = []
+    for run, diffs in changed:
+      lines.append(f"  {run.workdir}:")
+      lines += [f"    {f}: {old!r} (there) -> {new!r} (now)"
+                for f, old, new in diffs[:5]]
+      if len(diffs) > 5:
+        lines.append(f"    ... and {len(diffs) - 5} more")
+    sys.exit(f"sweep: {len(changed)} run(s) already exist with a different "
+             f"config; reusing them would mix two configs in one table:\n"
+             + "\n".join(lines) + "\nUse a new --sweep_dir, or remove "
+             "those workdirs to run them again.")
   print(f"[sweep] {len(runs)} run(s) in {sweep_dir}", flush=True)
   if _DRY_RUN.value:
     for run in runs:
@@ -697,7 +825,8 @@ def main(argv):
   write_manifest(runs, sweep_dir, _CONFIG.value)
   if _COLLECT_ONLY.value:
     write_results(runs, sweep_dir)
-    print(open(os.path.join(sweep_dir, "results.md")).read())
+    with open(os.path.join(sweep_dir, "results.md")) as f:
+      print(f.read())
     return
   log = lambda msg: print(msg, flush=True)
   start = time.monotonic()
@@ -705,11 +834,12 @@ def main(argv):
     status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
                        keep_going=_KEEP_GOING.value, log=log,
                        on_change=lambda s: write_results(runs, sweep_dir, s))
-  except KeyboardInterrupt:
-    write_results(runs, sweep_dir)
+  except SweepInterrupted as e:
+    write_results(runs, sweep_dir, e.status)
     sys.exit("[sweep] interrupted; run the same command to resume")
   write_results(runs, sweep_dir, status)
-  print(open(os.path.join(sweep_dir, "results.md")).read(), flush=True)
+  with open(os.path.join(sweep_dir, "results.md")) as f:
+    print(f.read(), flush=True)
   print(f"[sweep] {time.monotonic() - start:.0f}s; results in "
         f"{os.path.join(sweep_dir, 'results.csv')}", flush=True)
   failed = [n for n, s in status.items() if s.startswith("failed")]

@@ -164,6 +164,8 @@ def _vit_config(router, size):
 
 
 def get_config(arg=None):
+  """The config of one study run: arg 'router=<name>[,size=smoke]' (see
+  the module docstring for the routers)."""
   opts = config_lib.parse_arg(arg, router=LM_ROUTERS + VIT_ROUTERS,
                               size=("study", "smoke"))
   if opts["router"] in VIT_ROUTERS:

@@ -447,17 +447,20 @@ def _locked(field):
   return any(field == f or field.startswith(f + ".") for f in RESUME_LOCKED)
 
 
-def config_differences(saved, config):
+def config_differences(saved, config, *, include=None):
   """[(field, saved value, new value)] over RESUME_LOCKED fields.
 
   Values are compared as JSON would store them (tuples as lists, dtypes as
   names), so a config read back from a checkpoint compares equal to the
   one that wrote it. A field missing on one side shows as '<absent>'.
+  include: optional predicate on the dotted field name, replacing the
+  RESUME_LOCKED selection (experiments/sweep.py compares nearly all).
   """
   a, b = _flatten(saved), _flatten(config)
+  include = include or _locked
   out = []
   for field in sorted(set(a) | set(b)):
-    if not _locked(field):
+    if not include(field):
       continue
     va, vb = a.get(field, "<absent>"), b.get(field, "<absent>")
     if _normal(va) != _normal(vb):

@@ -9,11 +9,13 @@ from that sweep.
 """
 
 import csv
+import json
 import os
 import pathlib
 import signal
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -107,10 +109,47 @@ def test_bad_file_points_and_invalid_configs_fail(tmp_path):
   with pytest.raises(sweep.GridError, match="batch_size"):
     sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
                     axes={"batch_size": ["0"]})
-  with pytest.raises(sweep.GridError, match=r"'moe.k': '5'.*(k|model)"):
+  with pytest.raises(sweep.GridError, match=r"'moe.k': '5'.*config.moe.k=5: allowed: an integer in \[1, 4\]"):
     sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
                     axes={"moe.k": ["5"]})
   assert not os.listdir(tmp_path)
+
+
+def test_runs_are_checked_against_the_devices_the_trainings_see(tmp_path):
+  # The default config's mesh is data 2 x expert 4 = 8 devices.
+  with pytest.raises(sweep.GridError, match=r"mesh.*6"):
+    sweep.make_runs(LM, str(tmp_path), file_grid=False, check_models=False,
+                    devices=(6, "gpu"))
+  # On CPU the run asks for config.num_cpu_devices (8) itself.
+  runs = sweep.make_runs(LM, str(tmp_path), file_grid=False,
+                         check_models=False, devices=(1, "cpu"))
+  assert len(runs) == 1
+  count, backend = sweep.probe_devices()  # a subprocess, as main() asks
+  assert backend == "cpu" and count >= 1
+
+
+def test_existing_runs_with_another_config_are_found(tmp_path):
+  runs = sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
+                         axes={"seed": ["0", "1"]}, check=False)
+  assert sweep.changed_runs(runs) == []  # no workdirs yet
+  for run in runs:
+    os.makedirs(run.workdir)
+    with open(os.path.join(run.workdir, "config.json"), "w") as f:
+      json.dump(run.config, f)
+  assert sweep.changed_runs(runs) == []  # what train.py wrote: the same
+  # More steps or other logging: the same run, reused (it resumes).
+  again = sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
+                          axes={"seed": ["0", "1"]}, check=False,
+                          fixed={"num_train_steps": "999", "log_every": "3"})
+  assert sweep.changed_runs(again) == []
+  # Another learning rate: every run is flagged, naming the field.
+  other = sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
+                          axes={"seed": ["0", "1"]}, check=False,
+                          fixed={"optimizer.learning_rate": "0.5"})
+  changed = sweep.changed_runs(other)
+  assert [r.name for r, _ in changed] == ["seed=0", "seed=1"]
+  field, old, new = changed[0][1][0]
+  assert field == "optimizer.learning_rate" and new == 0.5 and old != 0.5
 
 
 def test_the_router_study_grid_is_valid(tmp_path):
@@ -158,6 +197,70 @@ def test_run_sweep_skips_finished_runs_and_reports_failures(tmp_path,
   assert rows[1]["dropped_fraction"] == pytest.approx(0.2)  # layer mean
   md = (tmp_path / "results.md").read_text()
   assert "Not finished: bad" in md
+
+
+_SLOW_TRAIN = """
+import os, signal, sys, time
+def on_term(signum, frame):  # like train.py: a checkpoint takes a while
+  time.sleep(1.5)
+  sys.exit(143)
+signal.signal(signal.SIGTERM, on_term)
+with open(os.path.join(sys.argv[1], "pid"), "w") as f:
+  f.write(str(os.getpid()))
+time.sleep(60)
+"""
+
+
+def test_run_sweep_signal_stops_every_training(tmp_path, monkeypatch):
+  # Two trainings running, one queued; SIGTERM twice to the sweep (the
+  # second while it waits for the trainings, which take 1.5 s to exit, as
+  # train.py does while it saves): every training is stopped,
+  # the statuses say which were interrupted, and nothing is left running.
+  runs = [sweep.Run(name=n, point={}, config_arg="", workdir=str(tmp_path / n),
+                    argv=[], total_steps=5) for n in ("a", "b", "c")]
+  monkeypatch.setattr(sweep, "train_command", lambda run: [
+      sys.executable, "-c", _SLOW_TRAIN, run.workdir])
+  pid_files = [tmp_path / n / "pid" for n in ("a", "b")]
+
+  def send_signals():
+    deadline = time.monotonic() + 60
+    while not all(p.exists() and p.read_text() for p in pid_files):
+      if time.monotonic() > deadline:
+        return
+      time.sleep(0.05)
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.3)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+  stray = []  # a signal that got past the sweep lands here, not in pytest
+  before = signal.signal(signal.SIGTERM, lambda *a: stray.append(a[0]))
+  try:
+    threading.Thread(target=send_signals, daemon=True).start()
+    with pytest.raises(sweep.SweepInterrupted) as info:
+      sweep.run_sweep(runs, str(tmp_path), parallel=2, log=lambda m: None)
+    handler_after = signal.getsignal(signal.SIGTERM)
+  finally:
+    restored = signal.signal(signal.SIGTERM, before)
+  assert not stray, "the second SIGTERM was not absorbed by the sweep"
+  assert handler_after is restored  # run_sweep put the handler back
+  assert info.value.status == {"a": "interrupted", "b": "interrupted",
+                               "c": "not run"}
+  for p in pid_files:
+    with pytest.raises(ProcessLookupError):
+      os.kill(int(p.read_text()), 0)
+  assert not (tmp_path / "c").exists()
+
+
+def test_run_sweep_reports_a_clean_early_exit_as_stopped(tmp_path,
+                                                         monkeypatch):
+  # rc 0 without reaching the last step (config.stop_after_steps): not a
+  # failure, and the next sweep continues the run.
+  run = sweep.Run(name="early", point={}, config_arg="",
+                  workdir=str(tmp_path / "early"), argv=[], total_steps=5)
+  monkeypatch.setattr(sweep, "train_command", lambda run: [
+      sys.executable, "-c", "import sys; sys.exit(0)"])
+  assert sweep.run_sweep([run], str(tmp_path), log=lambda m: None) == {
+      "early": "stopped"}
 
 
 def test_markdown_table_formats_the_metrics():
@@ -239,7 +342,7 @@ def test_interrupted_sweep_resumes_and_reports(env):
   first_summary_mtime = os.path.getmtime(first / "summary.json")
   rows = {r["run"]: r for r in sweep.read_csv(str(sweep_dir / "results.csv"))}
   assert rows["seed=0"]["status"] == "finished"
-  assert rows["seed=1"]["status"] in ("not run", "unfinished")
+  assert rows["seed=1"]["status"] == "interrupted"
 
   # 2. The same command again: run 1 is skipped, run 2 resumes.
   proc = subprocess.run(_sweep_cmd(sweep_dir), cwd=ROOT, env=environ,

@@ -43,3 +43,21 @@ def test_host_memory_is_flat_over_2000_steps(tmp_path):
   assert result["steady_object_growth"] < 2000, result
   # Everything, warm-up included, stays small next to the ~600 MiB process.
   assert result["rss_growth_mib"] < 64, result
+
+
+def test_script_refuses_a_workdir_it_did_not_make(tmp_path):
+  sys.path.insert(0, REPO)
+  from experiments import memory_growth  # pylint: disable=g-import-not-at-top
+  real = tmp_path / "a_real_run"
+  real.mkdir()
+  (real / "checkpoints").mkdir()
+  with pytest.raises(ValueError, match="not made by this script"):
+    memory_growth.prepare_workdir(str(real))
+  assert (real / "checkpoints").is_dir()  # nothing was deleted
+  scratch = tmp_path / "scratch"
+  memory_growth.prepare_workdir(str(scratch))  # new: made and marked
+  (scratch / "metrics.jsonl").write_text("{}")
+  memory_growth.prepare_workdir(str(scratch))  # its own: emptied
+  assert not (scratch / "metrics.jsonl").exists()
+  with pytest.raises(ValueError, match=r"--baseline_step=2001"):
+    memory_growth.check_args(2000, 500, 2001)
