@@ -128,11 +128,11 @@ def _combine_rows_bwd(res, dy_NM):
   dy_XM = jnp.take(dy32_NM, assignment_X // k, axis=0, mode="fill",
                    fill_value=0)
   d_out_XM = (w_X[:, None] * dy_XM).astype(out_XM.dtype)
-  # d_weight[n, j] = <dy[n], out[row[n, j]]>: computed per row from the dy
-  # rows just gathered, then picked per assignment with a scalar gather (not
-  # k more [N, M] row gathers of out).
-  dot_X = jnp.sum(out_XM.astype(jnp.float32) * dy_XM, axis=-1)
-  d_w_NK = jnp.take(dot_X, row_NK, mode="fill", fill_value=0)
+  # d_weight[n, j] = <dy[n], out[row[n, j]]>.
+  d_w_NK = jnp.stack([jnp.sum(jnp.take(
+      out_XM, row_NK[:, j], axis=0, mode="fill",
+      fill_value=0).astype(jnp.float32) * dy32_NM, axis=-1)
+                      for j in range(k)], axis=1)
   return d_out_XM, d_w_NK.astype(weight_NK.dtype), None, None
 
 
