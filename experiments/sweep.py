@@ -588,6 +588,30 @@ def run_sweep(runs, sweep_dir, *, parallel=1, keep_going=True,
   return status
 
 
+def prepare_data(runs):
+  """Builds each distinct dataset that the unfinished runs read, once, here.
+
+  Runs started together (--parallel) would otherwise each find the TFDS
+  dataset missing and build it into the same data_dir at the same time,
+  which TFDS does not guard against. Returns the number of distinct data
+  configs prepared.
+
+  Raises:
+    moejax.train.ConfigError: a run's data config is refused.
+  """
+  from moejax.train import loop  # pylint: disable=g-import-not-at-top
+  seen = set()
+  for run in runs:
+    if run.config is None or is_finished(run):
+      continue
+    key = json.dumps([run.config.get("task"), run.config.get("data")],
+                     sort_keys=True)
+    if key not in seen:
+      seen.add(key)
+      loop.make_datasets_checked(ml_collections.ConfigDict(run.config))
+  return len(seen)
+
+
 def _start(run, env, running, log):
   """Starts one run's training process; adds it to `running`."""
   os.makedirs(run.workdir, exist_ok=True)
@@ -830,6 +854,12 @@ def main(argv):
     return
   log = lambda msg: print(msg, flush=True)
   start = time.monotonic()
+  if _PARALLEL.value > 1:
+    from moejax.train import errors  # pylint: disable=g-import-not-at-top
+    try:
+      prepare_data(runs)
+    except errors.ConfigError as e:
+      sys.exit(f"sweep: bad grid: {e}")
   try:
     status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
                        keep_going=_KEEP_GOING.value, log=log,

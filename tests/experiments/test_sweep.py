@@ -152,6 +152,18 @@ def test_existing_runs_with_another_config_are_found(tmp_path):
   assert field == "optimizer.learning_rate" and new == 0.5 and old != 0.5
 
 
+def test_prepare_data_builds_each_dataset_once_before_parallel_runs(
+    tmp_path, monkeypatch):
+  data_dir = tmp_path / "data"
+  monkeypatch.setenv("MOEJAX_DATA_DIR", str(data_dir))
+  runs = sweep.make_runs(f"{LM}:size=smoke", str(tmp_path / "s"),
+                         file_grid=False, axes={"seed": ["0", "1", "2"]},
+                         check=False)
+  assert sweep.prepare_data(runs) == 1  # three seeds, one dataset
+  built = [p for p in data_dir.rglob("dataset_info.json")]
+  assert len(built) == 1, built
+
+
 def test_the_router_study_grid_is_valid(tmp_path):
   # Every point's fields, types and model (shapes only), at the smoke size.
   runs = sweep.make_runs(f"{STUDY}:size=smoke", str(tmp_path))
