@@ -171,23 +171,52 @@ def make_datasets_checked(config):
 
 
 class PreemptionGuard:
-  """While active, SIGTERM sets `requested` instead of killing the process;
-  the loop checks it between steps, saves and raises TrainingPreempted.
+  """Turns SIGTERM into a checkpoint at a step every process agrees on.
 
-  Only the main thread can install signal handlers; elsewhere this is a
-  no-op (SIGTERM then kills as usual).
+  One process: while active, SIGTERM sets `requested` instead of killing
+  the process; the loop checks it between steps, saves and raises
+  TrainingPreempted. Only the main thread can install signal handlers;
+  elsewhere this is a no-op (SIGTERM then kills as usual).
+
+  Several processes (jax.distributed): a save is a collective, so a process
+  that stopped on its own signal would wait forever for the others. There
+  JAX's preemption service (started by jax.distributed.initialize) takes
+  the SIGTERM of any process, tells all of them, and
+  multihost_utils.reached_preemption_sync_point(step) turns True at the
+  same step everywhere; `poll(step)`, called after every step, asks it.
+  No Python handler is installed then: it would replace JAX's.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,)):
+  def __init__(self, signals=(signal.SIGTERM,), *, multi_process=None):
     self.signals = signals
-    self.requested = None  # the signal number once one arrived
+    self.multi_process = (jax.process_count() > 1 if multi_process is None
+                          else multi_process)
+    self.requested = None  # the signal number once one arrived (or agreed)
     self._previous = {}
 
   def _handle(self, signum, frame):
     del frame
     self.requested = signum
 
+  def poll(self, step):
+    """After step `step` (every step, in order, on every process): whether
+    the run must stop and save here; sets `requested` if so."""
+    if self.multi_process and self.requested is None:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.requested = signal.SIGTERM
+    return self.requested is not None
+
   def __enter__(self):
+    if self.multi_process:
+      from jax._src import distributed  # pylint: disable=g-import-not-at-top
+      if distributed.global_state.preemption_sync_manager is None:
+        logging.warning(
+            "jax.distributed's preemption service is off "
+            "(jax_enable_preemption_service): SIGTERM will kill this process "
+            "without a checkpoint")
+        self.multi_process = False  # poll() is then a no-op; no handler
+      return self
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -618,6 +647,7 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
           if due_ckpt:
             save(step)
           last_time = time.monotonic()  # eval/ckpt time is not step time
+        guard.poll(step)  # several processes: stop at an agreed step
       if pending is not None:
         process(pending)
         pending = None
