@@ -203,20 +203,18 @@ class PreemptionGuard:
     the run must stop and save here; sets `requested` if so."""
     if self.multi_process and self.requested is None:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-      if multihost_utils.reached_preemption_sync_point(step):
-        self.requested = signal.SIGTERM
+      try:
+        if multihost_utils.reached_preemption_sync_point(step):
+          self.requested = signal.SIGTERM
+      except RuntimeError as e:  # the preemption service is off
+        logging.warning("%s; SIGTERM will end this run without a checkpoint "
+                        "(jax_enable_preemption_service)", e)
+        self.multi_process = False  # warn once; poll() is a no-op from now
     return self.requested is not None
 
   def __enter__(self):
     if self.multi_process:
-      from jax._src import distributed  # pylint: disable=g-import-not-at-top
-      if distributed.global_state.preemption_sync_manager is None:
-        logging.warning(
-            "jax.distributed's preemption service is off "
-            "(jax_enable_preemption_service): SIGTERM will kill this process "
-            "without a checkpoint")
-        self.multi_process = False  # poll() is then a no-op; no handler
-      return self
+      return self  # JAX's preemption service handles SIGTERM; see poll()
     if threading.current_thread() is threading.main_thread():
       for sig in self.signals:
         self._previous[sig] = signal.signal(sig, self._handle)
