@@ -88,14 +88,6 @@ def read_metrics(workdir):
   return out
 
 
-def _read_json(path):
-  try:
-    with open(path) as f:
-      return json.load(f)
-  except (OSError, ValueError):
-    return None
-
-
 class RunData:
   """One run: its name, overrides, config, summary and metrics."""
 
@@ -103,7 +95,8 @@ class RunData:
     self.name = name
     self.workdir = workdir
     self.point = dict(point or {})
-    self.config = _read_json(os.path.join(workdir, "config.json")) or {}
+    self.config = sweep_lib.read_json(
+        os.path.join(workdir, "config.json")) or {}
     self.summary = sweep_lib.read_summary(workdir)
     self.metrics = read_metrics(workdir)
 
@@ -152,7 +145,7 @@ def load_runs(sweep_dir=None, workdirs=(), runs_regex=None):
   """RunData for a sweep's runs (sweep.json) and extra workdirs."""
   runs = []
   if sweep_dir:
-    manifest = _read_json(os.path.join(sweep_dir, "sweep.json"))
+    manifest = sweep_lib.read_json(os.path.join(sweep_dir, "sweep.json"))
     if manifest is None:
       raise ValueError(f"{sweep_dir} has no sweep.json (run "
                        f"experiments/sweep.py first, or pass --workdirs)")
@@ -317,12 +310,6 @@ def _router_label(run):
   return ",".join(parts) or "default"
 
 
-def _summary_mean(run, key):
-  layers = (run.summary or {}).get("moe_layers") or []
-  values = [l[key] for l in layers if l.get(key) is not None]
-  return sum(values) / len(values) if values else None
-
-
 def plot_dropped_vs_cf(runs, path, dpi=80):
   """Dropped fraction and validation loss against the capacity factor.
 
@@ -350,7 +337,7 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
       continue
     drawn = True
     cfs = [r.moe("capacity_factor") for r in capped]
-    ax_d.plot(cfs, [_summary_mean(r, "dropped_fraction") for r in capped],
+    ax_d.plot(cfs, [sweep_lib.layer_mean(r.summary, "dropped_fraction") for r in capped],
               "o-", color=color, label=label)
     ax_l.plot(cfs, [r.summary.get("eval_ce_loss") for r in capped], "o-",
               color=color, label=label)

@@ -466,14 +466,18 @@ def changed_runs(runs):
 # ------------------------------------------------------------- running
 
 
-def read_summary(workdir):
-  """workdir/summary.json as a dict, or None if missing or unreadable."""
-  path = os.path.join(workdir, "summary.json")
+def read_json(path):
+  """The JSON in `path`, or None if it is missing or unreadable."""
   try:
     with open(path) as f:
       return json.load(f)
   except (OSError, ValueError):
     return None
+
+
+def read_summary(workdir):
+  """workdir/summary.json as a dict, or None if missing or unreadable."""
+  return read_json(os.path.join(workdir, "summary.json"))
 
 
 def is_finished(run):
@@ -655,8 +659,11 @@ def _stop_all(running, timeout=120):
 # ------------------------------------------------------------- results
 
 
-def _mean(values):
-  values = [float(v) for v in values if v is not None]
+def layer_mean(summary, key):
+  """The mean of `key` over a summary's per-MoE-layer entries (None values
+  and missing layers skipped); None when there is none."""
+  layers = (summary or {}).get("moe_layers") or []
+  values = [float(l[key]) for l in layers if l.get(key) is not None]
   return sum(values) / len(values) if values else None
 
 
@@ -670,10 +677,9 @@ def result_row(run, status=None):
   row["status"] = status
   for key, value in run.point.items():
     row[key] = value
-  layers = summary.get("moe_layers") or []
   for key in SUMMARY_COLUMNS:
     if key in LAYER_COLUMNS:
-      row[key] = _mean(l.get(key) for l in layers) if layers else None
+      row[key] = layer_mean(summary, key)
     else:
       row[key] = summary.get(key)
   return row
