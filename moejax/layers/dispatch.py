@@ -1,27 +1,26 @@
-"""Dispatch engines: move tokens to experts and back, following a RoutingPlan.
+"""The engines' pure functions: move tokens to experts and back, following a
+RoutingPlan. The engine objects (moejax.layers.engines) call these.
 
-Three engines give the same numbers where their semantics meet:
+Three strategies give the same numbers where their semantics meet:
 
-* `einsum`: GShard's dense dispatch/combine through [G, S, E, C] masks
+* einsum: GShard's dense dispatch/combine through [G, S, E, C] masks
   ('GSEC,GSM->EGCM' and 'GSEC,EGCM->GSM'). Simple and TPU-friendly; memory
   and FLOPs grow with S*E*C.
-* `indices`: gathers tokens into [E, G*C, M] expert buffers and gathers them
+* indices: gathers tokens into [E, G*C, M] expert buffers and gathers them
   back, O(T*K*M) data movement, never builds [G, S, E, C]. For token-choice
   plans both directions and both gradients are gathers (the backward of each
   gather is the gather through the inverse map the plan already holds), which
   avoids XLA's slow serial scatter on CPU; the combine is `combine_rows`, a
   fused weighted sum of gathers. Expert-choice plans combine with a
-  scatter-add. The experts run as batched einsums (gmm.batched_ffn).
-* `dropless`: sorts the token-expert assignments by expert into tile-aligned
+  scatter-add. The experts run as batched einsums (ops.gmm.batched_ffn).
+* dropless: sorts the token-expert assignments by expert into tile-aligned
   groups and runs the expert FFN over them: on XLA the fused per-block FFN
-  (gmm.grouped_ffn), or three grouped matmuls of a given gmm_fn (Pallas,
+  (ops.gmm.grouped_ffn), or three grouped matmuls of a given gmm_fn (Pallas,
   ragged_dot); no capacity, nothing dropped.
 
 CPU timings against a FLOP-matched dense FFN: experiments/benchmark.py and
-BENCHMARKS.md.
-
-Each engine is split into dispatch and combine so that expert parallelism
-(moejax.sharding) can put its all-to-all between them.
+BENCHMARKS.md. Dispatch and combine are separate functions so that expert
+parallelism (moejax.sharding) can put its all-to-all between them.
 """
 
 import functools
@@ -30,113 +29,13 @@ from typing import Callable, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
-from moejax.layers import experts as experts_lib
-from moejax.layers import gmm as gmm_lib
+from moejax.ops import ffn as ffn_lib
+from moejax.ops import gmm as gmm_lib
+from moejax.ops.ffn import ExpertWeights  # pylint: disable=unused-import
+from moejax.ops.gather import combine_rows
+from moejax.ops.gather import dropless_num_rows
+from moejax.ops.gather import gather_rows
 from moejax.routing.token_choice import rank_within_expert
-
-ENGINES = ("einsum", "indices", "dropless")
-
-
-class ExpertWeights(NamedTuple):
-  """Expert FFN weights: w_in_EMH [E,M,H], w_out_EHM [E,H,M], w_gate_EMH or None."""
-  w_in_EMH: jax.Array
-  w_out_EHM: jax.Array
-  w_gate_EMH: Optional[jax.Array] = None
-
-
-def check_engine(engine):
-  if engine not in ENGINES:
-    raise ValueError(f"unknown engine {engine!r}; allowed: {list(ENGINES)}")
-
-
-# --- gathers whose backward is a gather -----------------------------------
-
-
-@jax.custom_vjp
-def gather_rows(table_NM, idx_I, inv_NJ):
-  """out[i] = table[idx[i]] (0 where idx[i] == N), with a gather backward.
-
-  Args:
-    table_NM: [N, M] rows.
-    idx_I: <int32>[I] row of each output; N (out of range) gives zeros.
-    inv_NJ: <int32>[N, J] the inverse map: the output positions that read row
-      n (I where unused). Every idx[i] < N must appear exactly once in inv.
-  Returns:
-    [I, M]. Its cotangent w.r.t. table is sum_j d_out[inv[n, j]], a gather,
-    instead of the scatter-add autodiff would emit.
-  """
-  return jnp.take(table_NM, idx_I, axis=0, mode="fill", fill_value=0)
-
-
-def _gather_rows_fwd(table_NM, idx_I, inv_NJ):
-  return gather_rows(table_NM, idx_I, inv_NJ), (idx_I, inv_NJ)
-
-
-def _gather_rows_bwd(res, d_out_IM):
-  idx_I, inv_NJ = res
-  # One take per column of the inverse map, summed (XLA fuses them into one
-  # loop; a [N, J, M] take and a sum over J is ~1.4x slower on CPU).
-  d_table_NM = jnp.take(d_out_IM, inv_NJ[:, 0], axis=0, mode="fill",
-                        fill_value=0)
-  for j in range(1, inv_NJ.shape[1]):
-    d_table_NM = d_table_NM + jnp.take(d_out_IM, inv_NJ[:, j], axis=0,
-                                       mode="fill", fill_value=0)
-  return d_table_NM, None, None
-
-
-gather_rows.defvjp(_gather_rows_fwd, _gather_rows_bwd)
-
-
-@jax.custom_vjp
-def combine_rows(out_XM, weight_NK, row_NK, assignment_X):
-  """y[n] = sum_k weight[n, k] * out[row[n, k]], with gather backwards.
-
-  The weighted sum of each token's k expert rows, without materialising the
-  picked rows [N, K, M] for an einsum (XLA:CPU runs 'GSK,GSKM->GSM' as N tiny
-  batched matmuls) and without a scatter in the backward.
-
-  Args:
-    out_XM: <dtype>[X, M] expert output rows.
-    weight_NK: <float32>[N, K] combine weights.
-    row_NK: <int32>[N, K] row of each assignment; X (out of range) for none.
-    assignment_X: <int32>[X] the inverse map: assignment n*K + k of each
-      row, N*K where no assignment reads the row.
-  Returns:
-    <dtype>[N, M], summed in float32.
-  """
-  # One take per choice, summed: XLA fuses the k gathers into one loop.
-  y_NM = 0.0
-  for j in range(row_NK.shape[1]):
-    y_NM = y_NM + weight_NK[:, j, None].astype(jnp.float32) * jnp.take(
-        out_XM, row_NK[:, j], axis=0, mode="fill",
-        fill_value=0).astype(jnp.float32)
-  return jnp.asarray(y_NM).astype(out_XM.dtype)
-
-
-def _combine_rows_fwd(out_XM, weight_NK, row_NK, assignment_X):
-  return (combine_rows(out_XM, weight_NK, row_NK, assignment_X),
-          (out_XM, weight_NK, row_NK, assignment_X))
-
-
-def _combine_rows_bwd(res, dy_NM):
-  out_XM, weight_NK, row_NK, assignment_X = res
-  k = row_NK.shape[1]
-  dy32_NM = dy_NM.astype(jnp.float32)
-  # d_out[x] = weight of the assignment reading row x times its token's dy.
-  w_X = jnp.take(weight_NK.reshape(-1).astype(jnp.float32), assignment_X,
-                 mode="fill", fill_value=0)
-  dy_XM = jnp.take(dy32_NM, assignment_X // k, axis=0, mode="fill",
-                   fill_value=0)
-  d_out_XM = (w_X[:, None] * dy_XM).astype(out_XM.dtype)
-  # d_weight[n, j] = <dy[n], out[row[n, j]]>.
-  d_w_NK = jnp.stack([jnp.sum(jnp.take(
-      out_XM, row_NK[:, j], axis=0, mode="fill",
-      fill_value=0).astype(jnp.float32) * dy32_NM, axis=-1)
-                      for j in range(k)], axis=1)
-  return d_out_XM, d_w_NK.astype(weight_NK.dtype), None, None
-
-
-combine_rows.defvjp(_combine_rows_fwd, _combine_rows_bwd)
 
 
 # --- einsum engine ----------------------------------------------------------
@@ -232,23 +131,6 @@ def indices_combine(plan, out_EGCM, idx=None):
   return y_NM.reshape(g, s, m)
 
 
-def capacity_engine(engine, plan, x_GSM, weights, activation):
-  """einsum or indices engine end to end: dispatch, experts, combine."""
-  g, s, m = x_GSM.shape
-  e, c = plan.num_experts, plan.capacity
-  if engine == "einsum":
-    in_EGCM = einsum_dispatch(plan, x_GSM)
-  else:
-    idx = slot_indices(plan)
-    in_EGCM = indices_dispatch(plan, x_GSM, idx)
-  out_EXM = gmm_lib.batched_ffn(in_EGCM.reshape(e, g * c, m), *weights,
-                                activation=activation)
-  out_EGCM = out_EXM.reshape(e, g, c, m)
-  if engine == "einsum":
-    return einsum_combine(plan, out_EGCM)
-  return indices_combine(plan, out_EGCM, idx)
-
-
 # --- dropless engine -------------------------------------------------------
 
 
@@ -264,11 +146,6 @@ class DroplessLayout(NamedTuple):
   assignment_R: jax.Array
   group_sizes_E: jax.Array
   counts_E: Optional[jax.Array] = None
-
-
-def dropless_num_rows(num_assignments, num_experts, tile):
-  """Static row bound R: every expert's rows rounded up to the tile."""
-  return -(-(num_assignments + num_experts * (tile - 1)) // tile) * tile
 
 
 def dropless_layout(plan, tile):
@@ -293,9 +170,6 @@ def dropless_layout(plan, tile):
   return DroplessLayout(row_N, assignment_R, padded_E, sizes_E)
 
 
-GMM_IMPLS = {"scan": gmm_lib.gmm, "ragged_dot": gmm_lib.ragged_dot_gmm}
-
-
 def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
                     gmm_fn: Optional[Callable] = None):
   """Dropless MoE: sort, grouped matmuls, unsort.
@@ -309,8 +183,8 @@ def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
     activation: relu, gelu, swiglu, geglu.
     tile: rows per tile of the grouped matmul.
     gmm_fn: gmm(lhs_RM, rhs_EMH, group_sizes_E, tile=) implementation;
-      None or moejax.layers.gmm.gmm: the XLA path, which runs the whole
-      FFN per row block (moejax.layers.gmm.grouped_ffn); any other (Pallas,
+      None or moejax.ops.gmm.gmm: the XLA path, which runs the whole
+      FFN per row block (moejax.ops.gmm.grouped_ffn); any other (Pallas,
       ragged_dot) runs three grouped matmuls.
   Returns:
     <dtype>[G, S, M].
@@ -333,28 +207,8 @@ def dropless_engine(plan, x_GSM, weights, activation, *, tile=128,
     h_RH = gmm_call(in_RM, weights.w_in_EMH)
     gate_RH = None if weights.w_gate_EMH is None else gmm_call(
         in_RM, weights.w_gate_EMH)
-    h_RH = experts_lib.activate(h_RH, gate_RH, activation)
+    h_RH = ffn_lib.activate(h_RH, gate_RH, activation)
     out_RM = gmm_call(h_RH, weights.w_out_EHM)
   y_NM = combine_rows(out_RM, plan.weight_GSK.reshape(g * s, k),
                       layout.row_N.reshape(g * s, k), layout.assignment_R)
   return y_NM.reshape(g, s, m)
-
-
-def run_engine(engine, plan, x_GSM, weights, activation, **engine_kwargs):
-  """Dispatch -> experts -> combine with the named engine.
-
-  Args:
-    engine: 'einsum', 'indices' or 'dropless'.
-    plan: RoutingPlan (capacity plan for einsum/indices; token view for
-      dropless).
-    x_GSM: <dtype>[G, S, M].
-    weights: ExpertWeights in the compute dtype.
-    activation: relu, gelu, swiglu, geglu.
-    **engine_kwargs: dropless options (tile, gmm_fn).
-  Returns:
-    <dtype>[G, S, M].
-  """
-  check_engine(engine)
-  if engine == "dropless":
-    return dropless_engine(plan, x_GSM, weights, activation, **engine_kwargs)
-  return capacity_engine(engine, plan, x_GSM, weights, activation)

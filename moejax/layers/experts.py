@@ -7,51 +7,12 @@ matmuls (`activate`).
 """
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt
 from moejax.layers import params as params_lib
-
-
-def activate(h_in, h_gate, activation):
-  """Applies the FFN non-linearity.
-
-  Args:
-    h_in: [..., H] the input projection.
-    h_gate: [..., H] the gate projection for 'swiglu'/'geglu', else None.
-    activation: one of relu, gelu, swiglu, geglu.
-  Returns:
-    [..., H] in h_in's dtype.
-  """
-  if activation == "relu":
-    return jax.nn.relu(h_in)
-  if activation == "gelu":
-    return jax.nn.gelu(h_in)
-  if activation == "swiglu":
-    return jax.nn.silu(h_gate) * h_in
-  if activation == "geglu":
-    return jax.nn.gelu(h_gate) * h_in
-  raise ValueError(f"unknown activation {activation!r}; allowed: "
-                   f"{list(params_lib.ACTIVATIONS)}")
-
-
-def expert_ffn(in_EXM, w_in_EMH, w_out_EHM, w_gate_EMH=None, *,
-               activation="relu"):
-  """Runs every expert on its own rows.
-
-  Args:
-    in_EXM: <dtype>[E, X, M] rows of each expert.
-    w_in_EMH: [E, M, H]; w_out_EHM: [E, H, M]; w_gate_EMH: [E, M, H] or None.
-    activation: relu, gelu, swiglu or geglu (the last two need w_gate_EMH).
-  Returns:
-    <dtype>[E, X, M].
-  """
-  h_EXH = jnp.einsum("EXM,EMH->EXH", in_EXM, w_in_EMH)
-  g_EXH = (None if w_gate_EMH is None else
-           jnp.einsum("EXM,EMH->EXH", in_EXM, w_gate_EMH))
-  h_EXH = activate(h_EXH, g_EXH, activation)
-  return jnp.einsum("EXH,EHM->EXM", h_EXH, w_out_EHM)
+from moejax.ops.ffn import activate  # pylint: disable=unused-import
+from moejax.ops.ffn import expert_ffn
 
 
 class Experts(nnx.Module):

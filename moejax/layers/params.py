@@ -8,8 +8,8 @@ axes and initialises directly into sharded arrays.
 from flax import nnx
 import jax.numpy as jnp
 
-ACTIVATIONS = ("relu", "gelu", "swiglu", "geglu")
-GATED_ACTIVATIONS = ("swiglu", "geglu")
+from moejax.ops.ffn import ACTIVATIONS
+from moejax.ops.ffn import GATED_ACTIVATIONS
 
 
 def param(rngs, initializer, shape, names, dtype=jnp.float32):

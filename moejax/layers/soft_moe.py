@@ -11,6 +11,7 @@ from moejax import routing
 from moejax.layers import experts as experts_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import params as params_lib
+from moejax.layers.routers import check_int
 
 
 def soft_moe_metrics(dispatch_GSEP, combine_GSEP, mask_GS):
@@ -60,14 +61,15 @@ class SoftMoELayer(nnx.Module):
                group_size=None, activation="relu", causal=False,
                allow_non_causal=False, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs):
-    moe_lib._check_int("slots_per_expert", slots_per_expert, 1)
+    check_int("slots_per_expert", slots_per_expert, 1)
     if group_size is not None:
-      moe_lib._check_int("group_size", group_size, 1)
+      check_int("group_size", group_size, 1)
     if causal and not allow_non_causal:
       raise ValueError(
           "Soft MoE mixes every token of a group into every slot, so in a "
           "causal layer outputs would depend on future tokens; use MoELayer "
           "with a token-choice router, or pass allow_non_causal=True.")
+    self.causal = False
     self.group_size = group_size
     self.dtype = dtype
     self.model_dim = model_dim
@@ -104,7 +106,8 @@ class SoftMoELayer(nnx.Module):
     y_GSM = jnp.einsum("GSEP,EGPM->GSM", combine_GSEP.astype(self.dtype),
                        out_EGPM)
     y_BLM = y_GSM.reshape(g * s, m)[:b * l].reshape(b, l, m)
+    # Soft MoE has no router losses: every slot mixes every token.
     aux = moe_lib.MoEAux(
-        losses=moe_lib.MoELosses.zeros(),
+        losses={},
         metrics=soft_moe_metrics(dispatch_GSEP, combine_GSEP, mask_GS))
     return y_BLM, aux

@@ -214,20 +214,22 @@ class MultiHeadAttention(nnx.Module):
 
 
 def is_moe_ffn(ffn):
-  """True for the FFNs that return (y, MoEAux): MoELayer and SoftMoELayer."""
-  return isinstance(ffn, (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer))
+  """True for FFNs that return (y, MoEAux): MoELayer, SoftMoELayer, or any
+  module that declares `returns_aux = True`."""
+  return isinstance(ffn, (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer)) or (
+      bool(getattr(ffn, "returns_aux", False)))
 
 
 def non_causal_reason(ffn):
   """Why `ffn` would leak future tokens in a causal model, or None."""
+  if not is_moe_ffn(ffn) or getattr(ffn, "causal", True):
+    return None
   if isinstance(ffn, soft_moe_lib.SoftMoELayer):
     return "Soft MoE mixes every token of a group into every slot"
-  if isinstance(ffn, moe_lib.MoELayer):
-    if ffn.router in moe_lib.NON_CAUSAL_ROUTERS:
-      return f"router {ffn.router!r} chooses tokens using the whole group"
-    if ffn.batch_prioritized:
-      return "batch_prioritized routing orders tokens by later tokens' scores"
-  return None
+  router = getattr(ffn, "router", None)
+  return (f"router {type(router).__name__} reads later tokens of its group"
+          if router is not None else
+          f"{type(ffn).__name__} reads later tokens of its group")
 
 
 class TransformerBlock(nnx.Module):
@@ -290,47 +292,74 @@ class TransformerBlock(nnx.Module):
         segment_ids_BL=segment_ids_BL, positions_BL=positions_BL)
     h_BLM = self.ffn_norm(x_BLM)
     aux = None
-    if isinstance(self.ffn, moe_lib.MoELayer):
+    if isinstance(self.ffn, soft_moe_lib.SoftMoELayer):
+      y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=padding_mask_BL,
+                            deterministic=deterministic)
+    elif self.is_moe:
       y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=padding_mask_BL,
                             token_ids_BL=token_ids_BL,
-                            deterministic=deterministic)
-    elif isinstance(self.ffn, soft_moe_lib.SoftMoELayer):
-      y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=padding_mask_BL,
                             deterministic=deterministic)
     else:
       y_BLM = self.ffn(h_BLM)
     return x_BLM + y_BLM.astype(self.dtype), aux
 
 
+def _pad_to(x, shape):
+  return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape)])
+
+
 def stack_aux(auxes):
   """Stacks per-layer MoEAux structs along a new leading axis.
 
+  Layers may differ: the losses and stats of all layers are united (a layer
+  without a name gets 0 there), and arrays of different sizes (expert_load_E
+  of a pyramid with more experts in later layers) are zero-padded to the
+  largest, so expert e of a smaller layer keeps index e.
+
   Args:
-    auxes: a sequence of MoEAux (one per MoE layer, same structure).
+    auxes: a sequence of MoEAux (one per MoE layer).
   Returns:
     MoEAux whose every leaf has a leading axis [num_moe_layers] (e.g.
-    aux.losses.load_balance <float32>[num_moe_layers],
+    aux.losses['load_balance'] <float32>[num_moe_layers],
     aux.metrics.expert_load_E <float32>[num_moe_layers, E]), or None when
     `auxes` is empty (a dense model).
   """
   auxes = list(auxes)
   if not auxes:
     return None
-  return jax.tree.map(lambda *xs: jnp.stack(xs), *auxes)
+
+  def unite(field):
+    names = sorted(set().union(*(getattr(a, field) for a in auxes)))
+    out = []
+    for a in auxes:
+      d = dict(getattr(a, field))
+      for n in names:
+        if n not in d:
+          ref = next(getattr(b, field)[n] for b in auxes
+                     if n in getattr(b, field))
+          d[n] = jnp.zeros(ref.shape, ref.dtype)
+      out.append(d)
+    return out
+
+  losses, stats = unite("losses"), unite("stats")
+  auxes = [a.replace(losses=l, stats=st)
+           for a, l, st in zip(auxes, losses, stats)]
+
+  def stack(*xs):
+    shape = tuple(max(d) for d in zip(*(x.shape for x in xs)))
+    return jnp.stack([_pad_to(x, shape) for x in xs])
+
+  return jax.tree.map(stack, *auxes)
 
 
 def total_aux_loss(aux, weights):
-  """sum over MoE layers of sum_name weights[name] * aux.losses.<name>.
+  """sum over MoE layers of sum_name weights[name] * aux.losses[name].
 
   Args:
     aux: a stacked MoEAux (stack_aux) or None (dense model: returns 0).
-    weights: {loss name: weight}, names of MoELosses fields
-      (load_balance, z_loss, importance, load, sequence_balance); an unknown
-      name raises ValueError.
+    weights: {loss name: weight}; a non-zero weight on a loss no layer
+      reports raises ValueError (moe_lib.weighted_sum).
   Returns:
     <float32>[] scalar.
   """
-  if aux is None:
-    moe_lib.MoELosses.zeros().weighted_sum(weights)  # validates the names
-    return jnp.zeros((), jnp.float32)
-  return jnp.sum(aux.losses.weighted_sum(weights))
+  return moe_lib.weighted_sum({} if aux is None else aux.losses, weights)

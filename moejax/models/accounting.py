@@ -13,8 +13,8 @@ from flax import nnx
 import jax
 
 from moejax.layers import ffn as ffn_lib
-from moejax.layers import moe as moe_lib
 from moejax.layers import soft_moe as soft_moe_lib
+from moejax.layers import transformer as tfm
 from moejax.models import decoder as decoder_lib
 from moejax.models import vit as vit_lib
 
@@ -37,21 +37,21 @@ def num_params(module):
 def active_experts_per_token(layer):
   """How many routed experts an average token runs through in `layer`.
 
-  k for token-choice-style routers (token_choice, noisy_top_k, deepseek,
-  hash; balanced has k = 1); for expert choice the capacity factor (each
-  expert takes cf * S / E tokens, so cf experts per token on average, at
-  most E); E for Soft MoE (every expert sees every token, through slots).
+  The router's `experts_per_token(capacity_factor)` where it has one (expert
+  choice: the capacity factor, as each expert takes cf * S / E tokens, at
+  most E), else its k; E for Soft MoE (every expert sees every token,
+  through slots).
   """
   if isinstance(layer, soft_moe_lib.SoftMoELayer):
     return layer.num_experts
-  if layer.router == "expert_choice":
-    return min(float(layer.capacity_factor), layer.num_experts)
-  return layer.k
+  per_token = getattr(layer.router, "experts_per_token", None)
+  if per_token is None:
+    return layer.router.k
+  return per_token(layer.capacity_factor)
 
 
 def _moe_layers(model):
-  return [m for _, m in nnx.iter_modules(model)
-          if isinstance(m, (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer))]
+  return [m for _, m in nnx.iter_modules(model) if tfm.is_moe_ffn(m)]
 
 
 def _embedding_params(model):
@@ -110,10 +110,11 @@ def _moe_flops(layer, seq_len):
     # 2*M*E*P each per token; E*P slots per group of S tokens each run one
     # expert row.
     return 6 * m * e * p + 2 * expert_params * p / s
+  # Every weight a token goes through besides the routed experts: the
+  # router's, the shared experts' and the residual branch's.
   flops = 2 * expert_params * active_experts_per_token(layer) / e
-  for name in ("w_router_ME", "w_noise_ME", "w_mix_M2"):
-    flops += 2 * num_params(getattr(layer, name))
-  flops += 2 * num_params(layer.shared) + 2 * num_params(layer.residual)
+  for part in (layer.router, layer.shared, layer.residual):
+    flops += 2 * num_params(part)
   return flops
 
 
@@ -184,14 +185,25 @@ def _moe_summary(model):
     desc = (f"Soft MoE E={layer.num_experts} slots/expert="
             f"{layer.slots_per_expert} H={layer.experts.hidden_dim}")
   else:
-    desc = (f"router={layer.router} k={layer.k} E={layer.num_experts} "
-            f"H={layer.hidden_dim} engine={layer.engine}")
-    if layer.engine != "dropless":
+    desc = (f"router={type(layer.router).__name__} k={layer.router.k} "
+            f"E={layer.num_experts} H={layer.experts.hidden_dim} "
+            f"engine={type(layer.engine).__name__}")
+    if layer.engine.uses_capacity:
       desc += f" capacity_factor={layer.capacity_factor}"
     if layer.shared is not None:
-      desc += f" shared_width={layer.shared.w_in_MH.shape[-1]}"
+      desc += f" shared_width={_ffn_width(layer.shared)}"
   return (f"MoE at layers {list(model.moe_layers)} "
           f"({len(model.moe_layers)} of {model.num_layers}): {desc}")
+
+
+def _ffn_width(module):
+  """Hidden width of a dense branch: a DenseFFN, or a module holding one in
+  `ffn` (ResidualBranch); None for None."""
+  if module is None:
+    return 0
+  if isinstance(module, ffn_lib.DenseFFN):
+    return module.w_in_MH.shape[-1]
+  return _ffn_width(getattr(module, "ffn", None))
 
 
 def matched_dense_mlp_dim(model):
@@ -204,12 +216,10 @@ def matched_dense_mlp_dim(model):
     ffn = block.ffn
     if isinstance(ffn, ffn_lib.DenseFFN):
       widths.append(ffn.w_in_MH.shape[-1])
-    elif isinstance(ffn, moe_lib.MoELayer):
-      width = active_experts_per_token(ffn) * ffn.hidden_dim
-      for dense in (ffn.shared, ffn.residual):
-        if dense is not None:
-          width += dense.w_in_MH.shape[-1]
-      widths.append(width)
+    elif tfm.is_moe_ffn(ffn) and not isinstance(
+        ffn, soft_moe_lib.SoftMoELayer):
+      widths.append(active_experts_per_token(ffn) * ffn.experts.hidden_dim
+                    + _ffn_width(ffn.shared) + _ffn_width(ffn.residual))
     else:
       return None
   return int(math.floor(sum(widths) / len(widths) + 0.5))

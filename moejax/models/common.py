@@ -1,15 +1,9 @@
 """What the models share: MoE placement, FFN construction, FLOP matching."""
 
-import inspect
 import math
 
+from moejax.layers import build as build_lib
 from moejax.layers import ffn as ffn_lib
-from moejax.layers import moe as moe_lib
-from moejax.layers import soft_moe as soft_moe_lib
-
-# Set by the model from its own arguments; passing them in moe_layer_kwargs is
-# an error rather than a silent override.
-MODEL_OWNED_KWARGS = ("model_dim", "causal", "dtype", "param_dtype", "rngs")
 
 
 def _check_int(name, value, minimum):
@@ -59,47 +53,36 @@ def check_layer_indices(moe_layers, num_layers):
   return tuple(sorted(out))
 
 
-def check_moe_kwargs(moe_layer_kwargs):
-  """Returns a copy of moe_layer_kwargs, rejecting the model-owned keys."""
-  if moe_layer_kwargs is None:
-    raise ValueError("the model has MoE layers but moe_layer_kwargs is None; "
-                     "pass at least {'num_experts': E}")
-  if not isinstance(moe_layer_kwargs, dict):
-    raise ValueError(f"moe_layer_kwargs must be a dict of MoE layer "
-                     f"arguments, got {type(moe_layer_kwargs).__name__}")
-  owned = sorted(set(moe_layer_kwargs) & set(MODEL_OWNED_KWARGS))
-  if owned:
-    raise ValueError(f"moe_layer_kwargs must not set {owned}: the model sets "
-                     f"them from its own arguments")
-  if "num_experts" not in moe_layer_kwargs:
-    raise ValueError("moe_layer_kwargs needs 'num_experts'")
-  return dict(moe_layer_kwargs)
+def check_moe_config(moe, num_layers, moe_layers):
+  """Returns the MoE config as a dict, checking its per-layer overrides and
+  the old flat form (moe.router='x', moe.k=2, ...: an error naming where each
+  field moved)."""
+  if moe is None:
+    raise ValueError("the model has MoE layers but moe is None; pass at "
+                     "least {'experts': {'num_experts': E}}")
+  if hasattr(moe, "to_dict"):
+    moe = moe.to_dict()
+  if not isinstance(moe, dict):
+    raise ValueError(f"moe must be a dict (the build_moe config), got "
+                     f"{type(moe).__name__}")
+  build_lib.check_flat_form(moe)
+  build_lib.check_layer_overrides(moe, num_layers, moe_layers)
+  return dict(moe)
 
 
-def build_ffn(*, is_moe, soft_moe, model_dim, mlp_dim, activation,
-              moe_layer_kwargs, causal, dtype, param_dtype, rngs):
-  """DenseFFN, MoELayer or SoftMoELayer for one block.
+def build_ffn(index, *, is_moe, model_dim, mlp_dim, activation, moe, causal,
+              dtype, param_dtype, rngs):
+  """DenseFFN, or the MoE layer build_moe makes from block `index`'s config.
 
-  MoE layers get hidden_dim = mlp_dim and the model's activation unless
-  moe_layer_kwargs sets them; every other key of moe_layer_kwargs goes to
-  the layer's constructor as is.
+  MoE experts default to hidden_dim = mlp_dim and the model's activation.
   """
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if not is_moe:
     return ffn_lib.DenseFFN(model_dim, mlp_dim, activation=activation, **kw)
-  layer_kwargs = dict(moe_layer_kwargs)
-  hidden_dim = layer_kwargs.pop("hidden_dim", mlp_dim)
-  num_experts = layer_kwargs.pop("num_experts")
-  layer_kwargs.setdefault("activation", activation)
-  cls = soft_moe_lib.SoftMoELayer if soft_moe else moe_lib.MoELayer
-  allowed = set(inspect.signature(cls.__init__).parameters) - {"self"}
-  unknown = sorted(set(layer_kwargs) - allowed)
-  if unknown:
-    raise ValueError(f"moe_layer_kwargs has arguments {unknown} that "
-                     f"{cls.__name__} does not take; allowed: "
-                     f"{sorted(allowed - set(MODEL_OWNED_KWARGS))}")
-  return cls(model_dim, hidden_dim, num_experts, causal=causal,
-             **layer_kwargs, **kw)
+  return build_lib.build_moe(
+      build_lib.config_for_layer(moe, index), model_dim=model_dim,
+      causal=causal, expert_defaults={"hidden_dim": mlp_dim,
+                                      "activation": activation}, **kw)
 
 
 def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,
@@ -124,8 +107,8 @@ def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,
     hidden_dim: H, each routed expert's width.
     k: experts per token (may be fractional for expert choice).
     num_shared_experts, shared_hidden_dim: shared experts (width defaults
-      to hidden_dim, as MoELayer).
-    residual_hidden_dim: MoELayer's residual dense branch width.
+      to hidden_dim, as build_moe).
+    residual_hidden_dim: the residual dense branch width (moe.residual).
     moe_every, mlp_dim: as DecoderLM; mlp_dim is needed when moe_every > 1.
   Returns:
     int width (rounded to nearest).

@@ -20,10 +20,10 @@ class DecoderLM(nnx.Module):
 
   Example (top-2 of 8 experts every other layer, and its dense twin):
     moe = DecoderLM(256, 128, 4, 4, 512, moe_every=2,
-                    moe_layer_kwargs=dict(num_experts=8, k=2,
-                                          router='token_choice',
-                                          engine='indices',
-                                          capacity_factor=1.25),
+                    moe={"router": {"name": "token_choice", "k": 2},
+                         "engine": {"name": "indices"},
+                         "experts": {"num_experts": 8},
+                         "capacity_factor": 1.25},
                     rngs=nnx.Rngs(0))
     width = flop_matched_dense_mlp_dim(512, 2, moe_every=2, mlp_dim=512)
     dense = DecoderLM(256, 128, 4, 4, width, moe_every=0, rngs=nnx.Rngs(0))
@@ -31,7 +31,7 @@ class DecoderLM(nnx.Module):
 
   Causality: MoE layers are built with causal=True, so routers that read
   later tokens (expert_choice, balanced, batch_prioritized, Soft MoE) raise
-  ValueError unless moe_layer_kwargs has allow_non_causal=True. Token choice
+  ValueError unless the moe config has allow_non_causal=True. Token choice
   is causal when nothing is dropped (the dropless engine, or capacity >= the
   group size) and for k=1 with any capacity (slots are claimed in token
   order). With k > 1 and a finite capacity, slots are claimed choice-major
@@ -49,14 +49,13 @@ class DecoderLM(nnx.Module):
     moe_every: MoE replaces the FFN of layer i when (i + 1) % moe_every == 0
       (1 = every layer, 2 = layers 1, 3, ...; 0 = a dense model).
     moe_layers: explicit 0-based MoE layer indices, overriding moe_every.
-    moe_layer_kwargs: dict of MoELayer (or SoftMoELayer) constructor
-      arguments, passed through as is, e.g. {'num_experts': 8, 'k': 2,
-      'router': 'token_choice', 'engine': 'dropless', 'num_shared_experts':
-      1}. 'hidden_dim' defaults to mlp_dim and 'activation' to the model's.
-      model_dim, causal, dtype, param_dtype and rngs come from the model and
-      must not be in it. Ignored when no layer is MoE.
-    soft_moe: SoftMoELayer instead of MoELayer (non-causal: needs
-      allow_non_causal=True in moe_layer_kwargs).
+    moe: the MoE config (moejax.layers.build_moe), e.g. {'router':
+      {'name': 'token_choice', 'k': 2}, 'engine': {'name': 'dropless'},
+      'experts': {'num_experts': 8}, 'shared': {'num_experts': 1}};
+      experts.hidden_dim defaults to mlp_dim and experts.activation to the
+      model's; per-layer overrides go in moe['layers'][str(i)]. model_dim,
+      causality, dtype, param_dtype and rngs come from the model. Ignored
+      when no layer is MoE.
     head_dim: D.
     activation: FFN activation (relu, gelu, swiglu, geglu).
     tie_embeddings: logits = h @ embed^T * M^-0.5 (the T5 scaling); otherwise a
@@ -70,8 +69,7 @@ class DecoderLM(nnx.Module):
   """
 
   def __init__(self, vocab_size, model_dim, num_layers, num_heads, mlp_dim, *,
-               moe_every=0, moe_layers=None, moe_layer_kwargs=None,
-               soft_moe=False, head_dim=None, activation="swiglu",
+               moe_every=0, moe_layers=None, moe=None, head_dim=None, activation="swiglu",
                tie_embeddings=True, rope_max_wavelength=10_000.0,
                norm_eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs):
@@ -85,14 +83,12 @@ class DecoderLM(nnx.Module):
     else:
       moe_layers = common.check_layer_indices(moe_layers, num_layers)
     if moe_layers:
-      moe_layer_kwargs = common.check_moe_kwargs(moe_layer_kwargs)
+      moe = common.check_moe_config(moe, num_layers, moe_layers)
     self.vocab_size, self.model_dim = vocab_size, model_dim
     self.num_layers, self.num_heads = num_layers, num_heads
     self.mlp_dim = mlp_dim
     self.moe_every = moe_every
     self.moe_layers = tuple(moe_layers)
-    self.moe_layer_kwargs = (dict(moe_layer_kwargs) if moe_layers else None)
-    self.soft_moe = soft_moe
     self.activation = activation
     self.tie_embeddings = tie_embeddings
     self.dtype = dtype
@@ -103,10 +99,9 @@ class DecoderLM(nnx.Module):
     blocks = []
     for i in range(num_layers):
       ffn = common.build_ffn(
-          is_moe=i in self.moe_layers, soft_moe=soft_moe, model_dim=model_dim,
-          mlp_dim=mlp_dim, activation=activation,
-          moe_layer_kwargs=moe_layer_kwargs, causal=True, dtype=dtype,
-          param_dtype=param_dtype, rngs=rngs)
+          i, is_moe=i in self.moe_layers, model_dim=model_dim,
+          mlp_dim=mlp_dim, activation=activation, moe=moe, causal=True,
+          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
       # The MoE layer has already checked causality (and honoured its own
       # allow_non_causal); the block need not repeat it.
       blocks.append(tfm.TransformerBlock(

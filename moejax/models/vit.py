@@ -47,12 +47,13 @@ class ViTClassifier(nnx.Module):
 
   Example (V-MoE Last-2, top-2 of 8 experts; and a Soft MoE variant):
     vit = ViTClassifier(32, 4, 3, 10, 128, 8, 4, 512,
-                        moe_layer_kwargs=dict(num_experts=8, k=2,
-                                              capacity_factor=1.05),
+                        moe={"router": {"name": "token_choice", "k": 2},
+                             "experts": {"num_experts": 8},
+                             "capacity_factor": 1.05},
                         rngs=nnx.Rngs(0))                # MoE at (5, 7)
-    soft = ViTClassifier(32, 4, 3, 10, 128, 8, 4, 512, soft_moe=True,
-                         moe_layer_kwargs=dict(num_experts=8,
-                                               slots_per_expert=2),
+    soft = ViTClassifier(32, 4, 3, 10, 128, 8, 4, 512,
+                         moe={"layer": "soft_moe", "slots_per_expert": 2,
+                              "experts": {"num_experts": 8}},
                          rngs=nnx.Rngs(0))
     logits_BY, aux = vit(images)
 
@@ -64,11 +65,11 @@ class ViTClassifier(nnx.Module):
     model_dim, num_layers, num_heads, mlp_dim: M, blocks, N, dense FFN width
       (and default expert width).
     moe_layers: 0-based MoE block indices; None = vmoe_placement(num_layers,
-      num_moe) when moe_layer_kwargs is given, else no MoE (a dense ViT).
+      num_moe) when moe is given, else no MoE (a dense ViT).
     num_moe: how many MoE blocks the default placement uses (V-MoE Last-n).
-    moe_layer_kwargs: MoELayer (or SoftMoELayer) constructor arguments, as in
-      DecoderLM; layers are built with causal=False.
-    soft_moe: SoftMoELayer instead of MoELayer (all experts active, on slots).
+    moe: the MoE config (moejax.layers.build_moe), as in DecoderLM;
+      layer='soft_moe' builds Soft MoE layers (all experts active, on
+      slots). Layers are built with causal=False.
     pool: 'gap' (mean over patch tokens) or 'token' (a learned class token).
     head_dim, activation, norm ('layernorm' or 'rmsnorm'), norm_eps,
     dtype, param_dtype, rngs: as DecoderLM. No rotary embeddings: positions
@@ -80,7 +81,7 @@ class ViTClassifier(nnx.Module):
 
   def __init__(self, image_size, patch_size, num_channels, num_classes,
                model_dim, num_layers, num_heads, mlp_dim, *, moe_layers=None,
-               num_moe=2, moe_layer_kwargs=None, soft_moe=False, pool="gap",
+               num_moe=2, moe=None, pool="gap",
                head_dim=None, activation="gelu", norm="layernorm",
                norm_eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
                rngs):
@@ -100,17 +101,15 @@ class ViTClassifier(nnx.Module):
     params_lib.check_activation(activation)
     if moe_layers is None:
       moe_layers = (common.vmoe_placement(num_layers, num_moe)
-                    if moe_layer_kwargs is not None else ())
+                    if moe is not None else ())
     else:
       moe_layers = common.check_layer_indices(moe_layers, num_layers)
     if moe_layers:
-      moe_layer_kwargs = common.check_moe_kwargs(moe_layer_kwargs)
+      moe = common.check_moe_config(moe, num_layers, moe_layers)
     self.num_channels, self.num_classes = num_channels, num_classes
     self.model_dim, self.num_layers = model_dim, num_layers
     self.num_heads, self.mlp_dim = num_heads, mlp_dim
     self.moe_layers = tuple(moe_layers)
-    self.moe_layer_kwargs = dict(moe_layer_kwargs) if moe_layers else None
-    self.soft_moe = soft_moe
     self.pool = pool
     self.activation = activation
     self.dtype = dtype
@@ -134,9 +133,8 @@ class ViTClassifier(nnx.Module):
     blocks = []
     for i in range(num_layers):
       ffn = common.build_ffn(
-          is_moe=i in self.moe_layers, soft_moe=soft_moe, model_dim=m,
-          mlp_dim=mlp_dim, activation=activation,
-          moe_layer_kwargs=moe_layer_kwargs, causal=False, **kw)
+          i, is_moe=i in self.moe_layers, model_dim=m, mlp_dim=mlp_dim,
+          activation=activation, moe=moe, causal=False, **kw)
       blocks.append(tfm.TransformerBlock(
           m, num_heads, ffn=ffn, head_dim=head_dim, causal=False,
           rope_max_wavelength=None, norm=norm, norm_eps=norm_eps, **kw))

@@ -1,5 +1,8 @@
 """Pallas kernels for the MoE hot path: grouped matmul and permute/unpermute.
 
+Kernels only: the engine that runs a routing plan on them is
+moejax.layers.PallasEngine; nothing here imports moejax.layers.
+
 Public API (all differentiable through jax.custom_vjp):
 
   gmm(lhs_RM, rhs_EMH, group_sizes_E, *, tile, backend='auto')   # tile-aligned groups
@@ -7,10 +10,9 @@ Public API (all differentiable through jax.custom_vjp):
   ragged_dot(lhs_TM, rhs_EMH, group_sizes_E, *, tile=128, backend='auto')  # any group sizes
   permute(x_NM, row_NK, assignment_R, *, backend='auto')          # tokens -> expert rows
   unpermute(out_RM, weight_NK, row_NK, assignment_R, *, backend='auto')  # weighted combine
-  pallas_dropless_engine(plan, x_GSM, weights, activation, *, tile, backend)
 
 Backends (see backend.py and docs/pallas.md): 'auto' picks 'triton' on GPU,
-'mosaic' on TPU and 'xla' (the XLA paths of moejax.layers) elsewhere;
+'mosaic' on TPU and 'xla' (the XLA paths of moejax.ops) elsewhere;
 'triton_interpret' / 'mosaic_interpret' run the kernels in the Pallas
 interpreter on any platform (tests).
 """
@@ -18,8 +20,6 @@ interpreter on any platform (tests).
 from moejax.pallas.backend import BACKENDS
 from moejax.pallas.backend import Backend
 from moejax.pallas.backend import resolve_backend
-from moejax.pallas.engine import make_gmm_fn
-from moejax.pallas.engine import pallas_dropless_engine
 from moejax.pallas.grouped_matmul import gmm
 from moejax.pallas.grouped_matmul import tgmm
 from moejax.pallas.permutation import permute

@@ -4,7 +4,7 @@ Backends:
 
 * ``'triton'``: Pallas on GPU through Triton (Ampere, Hopper, Blackwell, ROCm).
 * ``'mosaic'``: Pallas on TPU through Mosaic.
-* ``'xla'``: no kernel: the XLA paths of moejax.layers (what CPU runs).
+* ``'xla'``: no kernel: the XLA paths of moejax.ops (what CPU runs).
 * ``'triton_interpret'`` / ``'mosaic_interpret'``: the same kernel bodies run
   by the Pallas interpreter (any platform, slow: tests only).
 * ``'auto'`` (default): GPU -> triton, TPU -> mosaic, anything else -> xla.

@@ -1,4 +1,4 @@
-"""Grouped matmul (GMM) with Pallas kernels, the contract of moejax.layers.gmm.
+"""Grouped matmul (GMM) with Pallas kernels, the contract of moejax.ops.gmm.
 
 `gmm(lhs_RM, rhs_EMH, group_sizes_E, tile=...)`: rows come sorted by group,
 every group starts on a multiple of `tile` (group sizes are tile-padded, as
@@ -21,7 +21,7 @@ from typing import Optional
 import jax
 import jax.numpy as jnp
 
-from moejax.layers import gmm as xla_gmm
+from moejax.ops import gmm as xla_gmm
 from moejax.pallas import backend as backend_lib
 from moejax.pallas import mosaic_gmm
 from moejax.pallas import triton_gmm
@@ -174,7 +174,7 @@ def gmm(lhs_RM, rhs_EMH, group_sizes_E, *, tile, backend="auto", blocks=None,
     tile: rows per tile (static). On GPU/TPU a multiple of 16 (128 is a good
       value); any size in interpret mode.
     backend: 'auto' (GPU -> 'triton', TPU -> 'mosaic', else 'xla': the XLA
-      tile scan of moejax.layers.gmm), or one of moejax.pallas.BACKENDS.
+      tile scan of moejax.ops.gmm), or one of moejax.pallas.BACKENDS.
     blocks: optional caps (block_m, block_k, block_n) for the forward and
       d_lhs kernels; tgmm_blocks the same for d_rhs.
     group_m, num_warps, num_stages: Triton tuning.

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental.pallas import tpu as pltpu
 
-from moejax.layers import dispatch  # XLA gathers whose backward is a gather
+from moejax.ops import gather as gather_lib  # XLA gathers whose backward is a gather
 from moejax.pallas import backend as backend_lib
 from moejax.pallas import mosaic_permute
 from moejax.pallas import triton_permute
@@ -156,7 +156,7 @@ def permute(x_NM, row_NK, assignment_R, *, backend="auto", blocks=None,
   token_R = _tokens(assignment_R, n, k)
   cfg = make_config(backend, blocks=blocks, num_warps=num_warps)
   if cfg.backend.kind == "xla":
-    return dispatch.gather_rows(x_NM, token_R, row_NK)
+    return gather_lib.gather_rows(x_NM, token_R, row_NK)
   return _permute(x_NM, row_NK.astype(jnp.int32), token_R, cfg)
 
 
@@ -204,7 +204,7 @@ def unpermute(out_RM, weight_NK, row_NK, assignment_R, *, backend="auto",
   cfg = make_config(backend, blocks=blocks, num_warps=num_warps)
   if cfg.backend.kind == "xla":
     n, k = row_NK.shape
-    picked = dispatch.gather_rows(out_RM, row_NK.reshape(-1),
+    picked = gather_lib.gather_rows(out_RM, row_NK.reshape(-1),
                                   assignment_R[:, None])
     return jnp.einsum("NK,NKM->NM", weight_NK.astype(out_RM.dtype),
                       picked.reshape(n, k, -1))

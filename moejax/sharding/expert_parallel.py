@@ -39,9 +39,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
-from moejax.layers import dispatch as dispatch_lib
-from moejax.layers import experts as experts_lib
-from moejax.layers import gmm as gmm_lib
+from moejax.ops import ffn as ffn_lib
+from moejax.ops import gather as gather_lib
+from moejax.ops import gmm as gmm_lib
 from moejax.routing.token_choice import rank_within_expert
 from moejax.sharding import mesh as mesh_lib
 from moejax.sharding import ragged as ragged_lib
@@ -89,11 +89,11 @@ class ExpertLayout:
     """P(token_axes) on the leading (group) dimension."""
     return P(self.token_axes or None)
 
-  def weight_specs(self, weights) -> dispatch_lib.ExpertWeights:
+  def weight_specs(self, weights) -> ffn_lib.ExpertWeights:
     """Specs of ExpertWeights: E over expert_axis, H over tensor_axis."""
     e, t = self.expert_axis, self.tensor_axis
     emh = P(e, None, t)
-    return dispatch_lib.ExpertWeights(
+    return ffn_lib.ExpertWeights(
         emh, P(e, t, None), None if weights.w_gate_EMH is None else emh)
 
 
@@ -103,16 +103,36 @@ def check_mode(mode):
                      f"{list(EP_MODES)}")
 
 
+def is_capacity_engine(engine):
+  """Whether `engine` runs through slots: uses_capacity and the dispatch /
+  combine protocol (moejax.layers.engines)."""
+  return bool(getattr(engine, "uses_capacity", True))
+
+
 def check_engine_mode(engine, mode):
-  """Raises for engine/mode pairs that have no expert-parallel path."""
+  """Raises for an engine/mode pair that has no expert-parallel path."""
   check_mode(mode)
-  dispatch_lib.check_engine(engine)
-  if engine == "dropless" and mode == "gspmd":
+  name = type(engine).__name__
+  if is_capacity_engine(engine):
+    if not (callable(getattr(engine, "dispatch", None))
+            and callable(getattr(engine, "combine", None))):
+      raise ValueError(
+          f"engine {name} has no expert-parallel path: a capacity engine "
+          f"needs dispatch(plan, x_GSM) -> (in_EGCM, ctx) and "
+          f"combine(plan, out_EGCM, ctx) -> y_GSM")
+    return
+  if not (isinstance(getattr(engine, "tile", None), int)
+          and callable(getattr(engine, "gmm_fn", None))):
     raise ValueError(
-        "engine 'dropless' has no GSPMD expert-parallel path (its expert-"
-        "sorted rows have data-dependent sizes, which sharding constraints "
-        "cannot express); use expert_parallel='shard_map', which sends the "
-        "rows with ragged_all_to_all (padded all_to_all on CPU)")
+        f"engine {name} has no expert-parallel path: a dropless engine "
+        f"needs `tile` (int) and gmm_fn() -> gmm(lhs_RM, rhs_EMH, "
+        f"group_sizes_E, *, tile)")
+  if mode == "gspmd":
+    raise ValueError(
+        f"engine {name} (dropless) has no GSPMD expert-parallel path (its "
+        f"expert-sorted rows have data-dependent sizes, which sharding "
+        f"constraints cannot express); use mode='shard_map', which sends "
+        f"the rows with ragged_all_to_all (padded all_to_all on CPU)")
 
 
 def expert_layout(mesh: Mesh, num_experts: int, *,
@@ -223,57 +243,39 @@ def constrain_groups(x_G, layout: ExpertLayout):
       x_G, layout.sharding(layout.tokens_spec))
 
 
-def _is_grouped_name(name):
-  """Whether an argument name says its leading axis is G (logits_GSE)."""
-  suffix = name.rsplit("_", 1)[-1] if "_" in name else ""
-  return suffix.isupper() and suffix.startswith("G")
-
-
-def group_local(fn, layout: ExpertLayout):
+def group_local(fn, layout: ExpertLayout, *, grouped: Sequence[str]):
   """Wraps a per-group function so each device runs it on its own groups.
 
   Routers are per group (DESIGN.md), so running one under jax.shard_map on
   each device's groups gives exactly the plan of the global call, without
   the all-gathers XLA's partitioner inserts around top_k and the routers'
-  scatters. Arguments are classified by the project's naming convention:
-  an array argument whose name's shape suffix starts with G (`logits_GSE`,
-  `padding_mask_GS`, `token_ids_GS`) is split over the token axes; other
-  arrays (`bias_E`) are replicated; everything else is static. The output
-  must be a pytree of G-leading arrays (a RoutingPlan).
+  scatters.
 
-  A call that passes a PRNG key (`rng=` not None) runs unwrapped, under
-  GSPMD: per-device draws would not equal the global draw.
+  Args:
+    fn: called with keyword arguments only; returns a pytree whose array
+      leaves all lead with the group axis G (a RoutingPlan).
+    layout: the ExpertLayout.
+    grouped: the names of the keyword arguments whose leading axis is G
+      (split over the token axes; None values pass through). Every other
+      array argument is replicated; non-arrays are static.
+  Returns:
+    wrapped(**kwargs), equal to fn(**kwargs).
   """
-  signature = inspect.signature(fn)
+  grouped = frozenset(grouped)
 
   @functools.wraps(fn)
-  def wrapped(*args, **kwargs):
-    bound = signature.bind(*args, **kwargs)
-    named = {}
-    for name, value in bound.arguments.items():
-      kind = signature.parameters[name].kind
-      if kind == inspect.Parameter.VAR_KEYWORD:
-        named.update(value)
-      elif kind == inspect.Parameter.VAR_POSITIONAL:
-        raise ValueError(f"group_local cannot classify *{name} arguments of "
-                         f"{fn.__name__}; pass them by name")
-      else:
-        named[name] = value
-    if named.get("rng") is not None:
-      return fn(*args, **kwargs)
-    arrays, static = {}, {}
-    for name, value in named.items():
+  def wrapped(**kwargs):
+    arrays, static, specs = {}, {}, {}
+    for name, value in kwargs.items():
       if isinstance(value, (jax.Array, np.ndarray)) and np.ndim(value) > 0:
         arrays[name] = value
+        if name in grouped:
+          check_groups(value.shape[0], layout)
+          specs[name] = layout.tokens_spec
+        else:
+          specs[name] = P()
       else:
         static[name] = value
-    specs = {}
-    for name, value in arrays.items():
-      if _is_grouped_name(name):
-        check_groups(value.shape[0], layout)
-        specs[name] = layout.tokens_spec
-      else:
-        specs[name] = P()
 
     def body(local):
       return fn(**local, **static)
@@ -304,16 +306,11 @@ def _psum_tensor(x, layout):
 
 
 def _dispatch(engine, plan, x_GSM):
-  if engine == "einsum":
-    return dispatch_lib.einsum_dispatch(plan, x_GSM), None
-  idx = dispatch_lib.slot_indices(plan)
-  return dispatch_lib.indices_dispatch(plan, x_GSM, idx), idx
+  return engine.dispatch(plan, x_GSM)
 
 
-def _combine(engine, plan, out_EGCM, idx):
-  if engine == "einsum":
-    return dispatch_lib.einsum_combine(plan, out_EGCM)
-  return dispatch_lib.indices_combine(plan, out_EGCM, idx)
+def _combine(engine, plan, out_EGCM, ctx):
+  return engine.combine(plan, out_EGCM, ctx)
 
 
 def _capacity_shard_map_body(engine, activation, layout, plan, x_GSM,
@@ -322,7 +319,7 @@ def _capacity_shard_map_body(engine, activation, layout, plan, x_GSM,
   in_EGCM, idx = _dispatch(engine, plan, x_GSM)
   in_EGCM = _all_to_all(in_EGCM, layout, 0, 1)   # -> [E_loc, X*G_loc, C, M]
   e_loc, gx, c, m = in_EGCM.shape
-  out_EXM = experts_lib.expert_ffn(in_EGCM.reshape(e_loc, gx * c, m),
+  out_EXM = ffn_lib.expert_ffn(in_EGCM.reshape(e_loc, gx * c, m),
                                    *weights, activation=activation)
   out_EXM = _psum_tensor(out_EXM, layout)        # sum over H shards
   out_EGCM = _all_to_all(out_EXM.reshape(e_loc, gx, c, m), layout, 1, 0)
@@ -367,7 +364,7 @@ def _capacity_gspmd(engine, plan, x_GSM, weights, activation, layout):
   weights = jax.tree.map(
       lambda w, s: jax.lax.with_sharding_constraint(w, layout.sharding(s)),
       weights, layout.weight_specs(weights))
-  out_EXM = experts_lib.expert_ffn(in_EXM, *weights, activation=activation)
+  out_EXM = ffn_lib.expert_ffn(in_EXM, *weights, activation=activation)
   out_EXM = jax.lax.with_sharding_constraint(out_EXM,
                                              layout.sharding(buffer_spec))
   out_EXM = jax.lax.with_sharding_constraint(
@@ -425,7 +422,7 @@ def _dropless_shard_map_body(activation, layout, tile, gmm_fn, collective,
   assignment_R = jnp.full((n,), n, jnp.int32).at[row_N].set(
       jnp.arange(n, dtype=jnp.int32), mode="drop", unique_indices=True)
   token_R = jnp.where(assignment_R < n, assignment_R // k, g * s)
-  send_RM = dispatch_lib.gather_rows(x_GSM.reshape(g * s, m), token_R,
+  send_RM = gather_lib.gather_rows(x_GSM.reshape(g * s, m), token_R,
                                      row_N.reshape(g * s, k))
   if layout.expert_axis is None:
     sizes_all_XE, me = sizes_E[None], 0
@@ -434,7 +431,7 @@ def _dropless_shard_map_body(activation, layout, tile, gmm_fn, collective,
     me = jax.lax.axis_index(layout.expert_axis)
   cnt = _Counts(sizes_all_XE, me, e_loc, tile)
   # Every row of every source could land here: the static worst case.
-  num_recv = dispatch_lib.dropless_num_rows(x_shards * n, e_loc, tile)
+  num_recv = gather_lib.dropless_num_rows(x_shards * n, e_loc, tile)
   a2a = functools.partial(ragged_lib.ragged_all_to_all,
                           axis_name=layout.expert_axis, axis_size=x_shards,
                           collective=collective)
@@ -446,13 +443,13 @@ def _dropless_shard_map_body(activation, layout, tile, gmm_fn, collective,
   h_RH = gmm_call(recv_RM, weights.w_in_EMH)
   gate_RH = None if weights.w_gate_EMH is None else gmm_call(
       recv_RM, weights.w_gate_EMH)
-  out_RM = gmm_call(experts_lib.activate(h_RH, gate_RH, activation),
+  out_RM = gmm_call(ffn_lib.activate(h_RH, gate_RH, activation),
                     weights.w_out_EHM)
   out_RM = _psum_tensor(out_RM, layout)
   back_RM = a2a(out_RM, jnp.zeros((n, m), out_RM.dtype), cnt.recv_offsets,
                 cnt.recv_sizes, cnt.back_offsets, cnt.send_sizes,
                 max_rows_per_peer=n)
-  picked_NM = dispatch_lib.gather_rows(back_RM, row_N, assignment_R[:, None])
+  picked_NM = gather_lib.gather_rows(back_RM, row_N, assignment_R[:, None])
   w_GSK = plan.weight_GSK.astype(back_RM.dtype)
   return jnp.einsum("GSK,GSKM->GSM", w_GSK, picked_NM.reshape(g, s, k, m))
 
@@ -465,15 +462,18 @@ def _plan_specs(plan, spec):
 
 
 def run_engine_ep(engine, plan, x_GSM, weights, activation, *, mesh,
-                  mode="shard_map", token_axes=None, tile=128, gmm_fn=None,
-                  collective="auto"):
-  """Expert-parallel twin of moejax.layers.dispatch.run_engine.
+                  mode="shard_map", token_axes=None, collective="auto"):
+  """Runs an engine object (moejax.layers.engines) with its experts split
+  over the mesh's 'expert' axis; equal to engine(plan, x_GSM, weights,
+  activation) on one device.
 
   Call it under jax.jit (or eagerly) with arrays on `mesh` or anywhere;
   shardings are stated here and XLA moves what has to move.
 
   Args:
-    engine: 'einsum', 'indices' or 'dropless' (dropless: shard_map only).
+    engine: a capacity engine (dispatch/combine: EinsumEngine,
+      IndicesEngine) or a dropless one (tile, gmm_fn: DroplessEngine,
+      PallasEngine; shard_map only).
     plan: RoutingPlan over all G groups (routed per group, so computing it
       under GSPMD with G split over the token axes routes locally).
     x_GSM: <dtype>[G, S, M]; G a multiple of the token-axis devices.
@@ -483,55 +483,162 @@ def run_engine_ep(engine, plan, x_GSM, weights, activation, *, mesh,
     mesh: the jax.sharding.Mesh (Auto axes).
     mode: 'shard_map' or 'gspmd'.
     token_axes: see expert_layout.
-    tile, gmm_fn: dropless grouped-matmul options (as dropless_engine).
     collective: dropless all-to-all: 'auto' (ragged_all_to_all on GPU/TPU,
       padded all_to_all on CPU), 'ragged' or 'padded'.
   Returns:
-    <dtype>[G, S, M], equal to run_engine's result.
+    <dtype>[G, S, M].
   """
   check_engine_mode(engine, mode)
   e = plan.num_experts
   h = weights.w_in_EMH.shape[-1]
   layout = expert_layout(mesh, e, hidden_dim=h, token_axes=token_axes)
   check_groups(x_GSM.shape[0], layout)
-  if engine != "dropless" and plan.is_dropless:
-    raise ValueError(f"engine {engine!r} needs a capacity plan; got a "
-                     f"dropless plan (capacity=None)")
+  capacity_engine = is_capacity_engine(engine)
+  if capacity_engine and plan.is_dropless:
+    raise ValueError(f"engine {type(engine).__name__} needs a capacity plan; "
+                     f"got a dropless plan (capacity=None)")
   if mode == "gspmd":
     return _capacity_gspmd(engine, plan, x_GSM, weights, activation, layout)
   x_GSM = constrain_groups(x_GSM, layout)
   tok = layout.tokens_spec
-  if engine == "dropless":
+  if not capacity_engine:
     if not plan.has_token_view:
-      raise ValueError("the dropless engine needs a token-choice plan")
+      raise ValueError(f"engine {type(engine).__name__} needs a token-choice "
+                       f"plan (token view)")
     platform = mesh.devices.flat[0].platform
     body = functools.partial(
-        _dropless_shard_map_body, activation, layout, tile,
-        gmm_fn or gmm_lib.gmm, ragged_lib.resolve_collective(collective,
-                                                             platform))
+        _dropless_shard_map_body, activation, layout, engine.tile,
+        engine.gmm_fn(), ragged_lib.resolve_collective(collective, platform))
   else:
     body = functools.partial(_capacity_shard_map_body, engine, activation,
                              layout)
   return jax.shard_map(
       body, mesh=layout.mesh,
       in_specs=(_plan_specs(plan, tok), tok, layout.weight_specs(weights)),
-      out_specs=tok, check_vma=engine != "dropless")(plan, x_GSM, weights)
+      out_specs=tok, check_vma=capacity_engine)(plan, x_GSM, weights)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExpertParallel:
+  """Expert parallelism for an MoELayer: experts split over the mesh's
+  'expert' axis, token groups over `token_axes`, H over 'tensor'.
+
+  The layer is given one (`MoELayer(..., expert_parallel=ep)`) and calls
+  `ep.route(router, ...)` and `ep.run(engine, ...)`; results equal the
+  unsharded layer's. Hashable (a static part of the layer's graph).
+
+  Args:
+    mesh: a jax.sharding.Mesh with Auto axes (moejax.sharding.make_mesh).
+    mode: 'shard_map' (jax.shard_map + all_to_all; every engine) or 'gspmd'
+      (sharding constraints on the expert buffers; capacity engines).
+    token_axes: mesh axes the token groups are split over; None: the
+      mesh's data, fsdp and expert axes.
+    collective: how the dropless engines move rows: 'auto'
+      (ragged_all_to_all on GPU/TPU, padded all_to_all on CPU), 'ragged' or
+      'padded'.
+  """
+  mesh: Mesh
+  mode: str = "shard_map"
+  token_axes: Optional[Tuple[str, ...]] = None
+  collective: str = "auto"
+
+  def __post_init__(self):
+    if not isinstance(self.mesh, Mesh):
+      raise ValueError(f"mesh must be a jax.sharding.Mesh, got "
+                       f"{type(self.mesh).__name__}")
+    check_mode(self.mode)
+    if self.token_axes is not None:
+      object.__setattr__(self, "token_axes", tuple(self.token_axes))
+    ragged_lib.resolve_collective(self.collective,
+                                  self.mesh.devices.flat[0].platform)
+
+  def layout(self, num_experts, hidden_dim=None) -> ExpertLayout:
+    """The ExpertLayout of E experts (and H) on this mesh."""
+    return expert_layout(self.mesh, num_experts, hidden_dim=hidden_dim,
+                         token_axes=self.token_axes)
+
+  def check(self, *, num_experts, hidden_dim, engine):
+    """Raises ValueError for a layer this cannot run: E neither a multiple
+    nor a divisor of the expert axis, H not split by 'tensor', an engine
+    without a path for this mode."""
+    check_engine_mode(engine, self.mode)
+    self.layout(num_experts, hidden_dim)
+
+  def constrain_groups(self, x_G, num_experts):
+    """Sharding constraint: the leading group axis over the token axes."""
+    return constrain_groups(x_G, self.layout(num_experts))
+
+  def route(self, router, x_GSM, *, capacity, padding_mask_GS=None,
+            token_ids_GS=None, deterministic=False):
+    """router(x_GSM, ...) with the token groups split over the token axes.
+
+    A router with `group_local = True` runs on each device's own groups
+    under shard_map (no all-gathers around its top-k and scatters); its
+    losses (means over groups) are averaged and its stats (sums over
+    groups) summed over the devices. Any other router runs under GSPMD on
+    the constrained groups, which is exact for every router (PRNG draws and
+    whole-batch losses included).
+    """
+    kwargs = dict(capacity=capacity, padding_mask_GS=padding_mask_GS,
+                  token_ids_GS=token_ids_GS, deterministic=deterministic)
+    layout = self.layout(router.num_experts)
+    if not getattr(router, "group_local", False):
+      return router(constrain_groups(x_GSM, layout), **kwargs)
+    from flax import nnx  # the router is an NNX module
+    graphdef, state = nnx.split(router)
+    grouped = {"x_GSM": x_GSM, "padding_mask_GS": padding_mask_GS,
+               "token_ids_GS": token_ids_GS}
+    for value in grouped.values():
+      if value is not None:
+        check_groups(value.shape[0], layout)
+    present = {k: v for k, v in grouped.items() if v is not None}
+    axes = layout.token_axes
+
+    def body(local, state):
+      out = nnx.merge(graphdef, state)(**local, capacity=capacity,
+                                      deterministic=deterministic)
+      if axes:
+        out = out.replace(
+            losses=jax.lax.pmean(dict(out.losses), axes),
+            stats=jax.lax.psum(dict(out.stats), axes))
+      return out
+
+    out_shape = jax.eval_shape(
+        lambda: nnx.merge(graphdef, state)(x_GSM, **kwargs))
+    tok = layout.tokens_spec
+    out_specs = out_shape.replace(
+        plan=jax.tree.map(lambda _: tok, out_shape.plan),
+        logits_GSE=None if out_shape.logits_GSE is None else tok,
+        losses=jax.tree.map(lambda _: P(), out_shape.losses),
+        stats=jax.tree.map(lambda _: P(), out_shape.stats))
+    in_specs = ({k: tok for k in present}, jax.tree.map(lambda _: P(), state))
+    return jax.shard_map(body, mesh=layout.mesh, in_specs=in_specs,
+                         out_specs=out_specs, check_vma=False)(present, state)
+
+  def run(self, engine, plan, x_GSM, weights, activation):
+    """engine(plan, x_GSM, weights, activation) with the experts split over
+    the expert axis (run_engine_ep)."""
+    return run_engine_ep(engine, plan, x_GSM, weights, activation,
+                         mesh=self.mesh, mode=self.mode,
+                         token_axes=self.token_axes,
+                         collective=self.collective)
 
 
 def enable_expert_parallel(model, mesh, mode="shard_map", *, token_axes=None,
-                           dropless_collective="auto"):
-  """Turns on expert parallelism in every MoELayer inside `model` (in place).
-
-  For models built without a mesh (e.g. moejax.layers.transformer stacks);
-  `mode=None, mesh=None` turns it off again. Returns the number of layers
-  changed.
-  """
-  from moejax.layers.moe import MoELayer  # no import cycle
+                           collective="auto"):
+  """Gives every module of `model` that takes expert parallelism (has a
+  `set_expert_parallel` method, e.g. MoELayer) an ExpertParallel(mesh, mode,
+  ...), in place; `mesh=None, mode=None` turns it off. Returns the number of
+  modules changed."""
   from flax import nnx
+  if (mesh is None) != (mode is None):
+    raise ValueError(f"mesh and mode go together: give both or neither; got "
+                     f"mesh={mesh!r}, mode={mode!r}")
+  ep = None if mesh is None else ExpertParallel(
+      mesh, mode, token_axes=token_axes, collective=collective)
   count = 0
   for _, module in nnx.iter_graph(model):
-    if isinstance(module, MoELayer):
-      module.set_expert_parallel(mesh, mode, token_axes=token_axes,
-                                 dropless_collective=dropless_collective)
+    if callable(getattr(module, "set_expert_parallel", None)):
+      module.set_expert_parallel(ep)
       count += 1
   return count

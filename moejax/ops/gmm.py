@@ -24,7 +24,7 @@ Two whole-FFN functions sit on top:
   pass per block (the dropless engine's XLA path; ~8% faster than three
   `gmm` calls on CPU);
 * `batched_ffn`: the FFN over an [E, X, M] buffer (the capacity engines),
-  the same einsums as moejax.layers.experts.expert_ffn with a backward that
+  the same einsums as moejax.ops.ffn.expert_ffn with a backward that
   keeps one [E, X, H] buffer less.
 
 Numbers: experiments/benchmark.py, BENCHMARKS.md.
@@ -34,6 +34,8 @@ import functools
 
 import jax
 import jax.numpy as jnp
+
+from moejax.ops import ffn as ffn_lib
 
 
 def tile_experts(group_sizes_E, num_rows, tile):
@@ -224,7 +226,6 @@ def _grouped_ffn_impl(lhs_RM, w_in_EMH, w_out_EHM, w_gate_EMH, group_sizes_E,
   Returns (out_RM, pre_RH, gate_RH): the pre-activations are filled only
   when `save` (for the backward pass), else None.
   """
-  from moejax.layers import experts as experts_lib  # pylint: disable=g-import-not-at-top
   r = lhs_RM.shape[0]
   h = w_in_EMH.shape[2]
   dtype = lhs_RM.dtype
@@ -238,7 +239,7 @@ def _grouped_ffn_impl(lhs_RM, w_in_EMH, w_out_EHM, w_gate_EMH, group_sizes_E,
     lhs_BM = jax.lax.dynamic_slice_in_dim(lhs_RM, row, size, axis=0)
     a_BH = _dot(lhs_BM, w_in, (1, 0), dtype)
     g_BH = _dot(lhs_BM, w_gate, (1, 0), dtype) if gated else None
-    out_BM = _dot(experts_lib.activate(a_BH, g_BH, activation), w_out, (1, 0),
+    out_BM = _dot(ffn_lib.activate(a_BH, g_BH, activation), w_out, (1, 0),
                   dtype)
     put = lambda buf, blk: jax.lax.dynamic_update_slice_in_dim(buf, blk, row,
                                                                axis=0)
@@ -269,7 +270,6 @@ def _grouped_ffn_bwd_impl(lhs_RM, pre_RH, gate_RH, dout_RM, w_in_EMH,
                           w_out_EHM, w_gate_EMH, group_sizes_E, tile, block,
                           activation):
   """d_lhs and the weight gradients, one pass over each group's row blocks."""
-  from moejax.layers import experts as experts_lib  # pylint: disable=g-import-not-at-top
   r, m = lhs_RM.shape
   e_count, _, h = w_in_EMH.shape
   dtype = lhs_RM.dtype
@@ -286,10 +286,10 @@ def _grouped_ffn_bwd_impl(lhs_RM, pre_RH, gate_RH, dout_RM, w_in_EMH,
     g_BH = sl(gate_RH) if gated else None
     if gated:
       h_BH, act_vjp = jax.vjp(
-          lambda a, g: experts_lib.activate(a, g, activation), a_BH, g_BH)
+          lambda a, g: ffn_lib.activate(a, g, activation), a_BH, g_BH)
     else:
       h_BH, act_vjp = jax.vjp(
-          lambda a: experts_lib.activate(a, None, activation), a_BH)
+          lambda a: ffn_lib.activate(a, None, activation), a_BH)
     dh_BH = _dot(dout_BM, w_out_t, (1, 0), dtype)      # dout @ w_out^T
     d_pre = act_vjp(dh_BH)
     da_BH = d_pre[0]
@@ -399,25 +399,23 @@ def _batched_ffn(in_EXM, w_in_EMH, w_out_EHM, w_gate_EMH, activation):
 
 
 def _batched_ffn_fwd(in_EXM, w_in_EMH, w_out_EHM, w_gate_EMH, activation):
-  from moejax.layers import experts as experts_lib  # pylint: disable=g-import-not-at-top
   a_EXH = jnp.einsum("EXM,EMH->EXH", in_EXM, w_in_EMH)
   g_EXH = (None if w_gate_EMH is None else
            jnp.einsum("EXM,EMH->EXH", in_EXM, w_gate_EMH))
-  h_EXH = experts_lib.activate(a_EXH, g_EXH, activation)
+  h_EXH = ffn_lib.activate(a_EXH, g_EXH, activation)
   out_EXM = jnp.einsum("EXH,EHM->EXM", h_EXH, w_out_EHM)
   # Only the pre-activations are kept; h is recomputed in the backward.
   return out_EXM, (in_EXM, a_EXH, g_EXH, w_in_EMH, w_out_EHM, w_gate_EMH)
 
 
 def _batched_ffn_bwd(activation, res, dout_EXM):
-  from moejax.layers import experts as experts_lib  # pylint: disable=g-import-not-at-top
   in_EXM, a_EXH, g_EXH, w_in_EMH, w_out_EHM, w_gate_EMH = res
   if g_EXH is None:
     h_EXH, act_vjp = jax.vjp(
-        lambda a: experts_lib.activate(a, None, activation), a_EXH)
+        lambda a: ffn_lib.activate(a, None, activation), a_EXH)
   else:
     h_EXH, act_vjp = jax.vjp(
-        lambda a, g: experts_lib.activate(a, g, activation), a_EXH, g_EXH)
+        lambda a, g: ffn_lib.activate(a, g, activation), a_EXH, g_EXH)
   dout_EXM = dout_EXM.astype(in_EXM.dtype)
   d_w_out = jnp.einsum("EXH,EXM->EHM", h_EXH, dout_EXM)
   # d_w_out first, so that h is dead before dh exists: at most two [E, X, H]
@@ -440,7 +438,7 @@ _batched_ffn.defvjp(_batched_ffn_fwd, _batched_ffn_bwd)
 
 def batched_ffn(in_EXM, w_in_EMH, w_out_EHM, w_gate_EMH=None, *,
                 activation="relu"):
-  """moejax.layers.experts.expert_ffn with a leaner backward.
+  """moejax.ops.ffn.expert_ffn with a leaner backward.
 
   Same forward (the same einsums); the backward keeps the input and the
   pre-activations only and recomputes the activation, instead of keeping
