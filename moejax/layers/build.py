@@ -137,7 +137,10 @@ def resolve(name, registry, kind):
 
 def _check_options(cls, options, fixed, field):
   """Raises for options `cls`'s constructor does not take."""
-  params = inspect.signature(cls).parameters
+  # nnx.Module's metaclass hides the constructor behind (*args, **kwargs):
+  # read __init__ itself (a dataclass's __init__ has its fields).
+  params = dict(inspect.signature(cls.__init__).parameters)
+  params.pop("self", None)
   if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
     return
   allowed = [n for n, p in params.items()

@@ -305,6 +305,8 @@ class TransformerBlock(nnx.Module):
 
 
 def _pad_to(x, shape):
+  if tuple(x.shape) == tuple(shape):
+    return x
   return jnp.pad(x, [(0, t - n) for n, t in zip(x.shape, shape)])
 
 
