@@ -33,7 +33,7 @@ See BENCHMARKS.md for the targets and the recorded results.
 """
 
 import dataclasses
-import functools
+import inspect
 import json
 import math
 import os
@@ -52,13 +52,17 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from moejax import layers as L
+from moejax import models
 from moejax import routing
+from moejax.layers import build as build_lib
 from moejax.layers import dispatch as dispatch_lib
-from moejax.layers import experts as experts_lib
-from moejax.layers import ffn as ffn_lib
+from moejax.layers import engines as engines_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import transformer as tfm
-from moejax import models
+from moejax.ops import ffn as ops_ffn
+from moejax.ops import gather as gather_lib
+from moejax.ops import gmm as gmm_lib
 
 SWEEPS = ("reference", "T", "E", "group", "k", "tile", "parts", "train")
 
@@ -80,8 +84,11 @@ _ACTIVATION = flags.DEFINE_enum("activation", "relu",
                                 "Expert and dense FFN activation.")
 _ENGINES = flags.DEFINE_list(
     "engines", ["einsum", "indices", "dropless", "pallas"],
-    "Engines of the reference and k sweeps ('pallas' only where a Pallas "
-    "backend exists, i.e. GPU/TPU; skipped elsewhere).")
+    "Engines of the reference and k sweeps: names of "
+    "moejax.layers.build.ENGINES (einsum, indices, dropless, pallas) or "
+    "dotted paths to engine classes ('pallas' only where a Pallas backend "
+    "exists, i.e. GPU/TPU; skipped elsewhere; 'dense', the baseline, is "
+    "always measured).")
 _SWEEP_ENGINES = flags.DEFINE_list(
     "sweep_engines", ["indices", "dropless", "pallas"],
     "Engines of the T and E sweeps.")
@@ -90,8 +97,8 @@ _MODES = flags.DEFINE_list("modes", ["fwd", "fwd_bwd"],
 _SWEEP_MODES = flags.DEFINE_list("sweep_modes", ["fwd_bwd"],
                                  "Modes of the sweeps.")
 _TILE = flags.DEFINE_integer("dropless_tile", 0,
-                             "Dropless grouped-matmul tile; 0: the MoELayer "
-                             "default.")
+                             "Dropless grouped-matmul tile (engines that take "
+                             "a tile); 0: the engine's default.")
 _REPEATS = flags.DEFINE_integer("repeats", 5, "Timed rounds per point.")
 _WARMUP = flags.DEFINE_integer("warmup", 1, "Untimed calls after compiling.")
 _SWEEP_TOKENS = flags.DEFINE_list("sweep_tokens",
@@ -164,7 +171,7 @@ class LayerConfig:
   group_size: int
   dtype: str
   activation: str
-  tile: int = 0            # dropless tile; 0 = the MoELayer default
+  tile: int = 0            # dropless tile; 0 = the engine's default
 
   @property
   def groups(self):
@@ -240,25 +247,62 @@ def pallas_available():
     return False
 
 
+def engine_class(engine):
+  """The engine class of a CLI engine name: a key of the one registry
+  (moejax.layers.build.ENGINES: einsum, indices, dropless, pallas) or a
+  dotted path 'pkg.module.Class'."""
+  return build_lib.resolve(engine, build_lib.ENGINES, "engine")
+
+
+def make_engine(cfg, engine):
+  """The engine object for CLI name `engine` at `cfg` (cfg.tile, when set,
+  goes to engines that take a tile: the dropless ones; 'pallas' runs the
+  Pallas kernels with backend='auto')."""
+  cls = engine_class(engine)
+  opts = {}
+  if cfg.tile and "tile" in inspect.signature(cls).parameters:
+    opts["tile"] = cfg.tile
+  return cls(**opts)
+
+
+def is_engine(engine, base):
+  """Whether CLI engine name `engine` names a subclass of `base`."""
+  cls = engine_class(engine)
+  return isinstance(cls, type) and issubclass(cls, base)
+
+
+def einsum_too_big(cfg, engine):
+  """Whether `engine` is the einsum engine and its [G, S, E, C] mask at
+  `cfg` would exceed --einsum_max_mask_gb."""
+  return is_engine(engine, engines_lib.EinsumEngine) and (
+      cfg.einsum_mask_bytes() > _EINSUM_MAX_GB.value * 2 ** 30)
+
+
+def check_engine_flags():
+  """Raises app.UsageError for an engine flag value that names no engine."""
+  for flag in (_ENGINES, _SWEEP_ENGINES, _TRAIN_ENGINES):
+    for engine in flag.value:
+      if engine == "dense":
+        continue
+      try:
+        engine_class(engine)
+      except ValueError as e:
+        raise app.UsageError(f"--{flag.name}: {e}") from None
+
+
 def moe_layer(cfg, engine, seed=0):
-  """An MoELayer for `cfg` ('pallas': the Pallas dropless engine)."""
-  kwargs = {}
-  if cfg.tile:
-    kwargs["dropless_tile"] = cfg.tile
-  layer_engine = engine
-  if engine == "pallas":
-    if "pallas" in dispatch_lib.ENGINES:
-      layer_engine = "pallas"
-    else:
-      from moejax import pallas  # pylint: disable=g-import-not-at-top
-      layer_engine = "dropless"
-      kwargs["gmm_impl"] = functools.partial(pallas.gmm, backend="auto")
-  return moe_lib.MoELayer(
-      cfg.model_dim, cfg.hidden_dim, cfg.num_experts, k=cfg.k,
-      router="token_choice", engine=layer_engine,
-      capacity_factor=cfg.capacity_factor, group_size=cfg.group_size,
-      activation=cfg.activation, dtype=jnp.dtype(cfg.dtype),
-      param_dtype=jnp.float32, rngs=nnx.Rngs(seed), **kwargs)
+  """An MoELayer for `cfg`: top-k token choice, Experts, and the engine of
+  CLI name `engine` (see make_engine)."""
+  rngs = nnx.Rngs(seed)
+  dtype = jnp.dtype(cfg.dtype)
+  return L.MoELayer(
+      router=L.TokenChoiceRouter(cfg.model_dim, cfg.num_experts, k=cfg.k,
+                                 rngs=rngs),
+      experts=L.Experts(cfg.num_experts, cfg.model_dim, cfg.hidden_dim,
+                        activation=cfg.activation, dtype=dtype,
+                        param_dtype=jnp.float32, rngs=rngs),
+      engine=make_engine(cfg, engine), capacity_factor=cfg.capacity_factor,
+      group_size=cfg.group_size)
 
 
 def readout(y, ct):
@@ -292,7 +336,7 @@ def moe_benches(cfg, engine, modes, seed=0):
 
   def forward(params, x):
     y, aux = nnx.merge(graphdef, params, rest)(x)
-    return y, aux.losses.weighted_sum(AUX_WEIGHTS)
+    return y, moe_lib.weighted_sum(aux.losses, AUX_WEIGHTS)
 
   def loss(params, x, ct):
     y, aux_loss = forward(params, x)
@@ -320,9 +364,9 @@ def dense_benches(cfg, modes, seed=0, baseline="tokens"):
     rows, width = cfg.tokens * cfg.k, cfg.hidden_dim
   else:
     rows, width = cfg.tokens, cfg.hidden_dim * cfg.k
-  ffn = ffn_lib.DenseFFN(cfg.model_dim, width, activation=cfg.activation,
-                         dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
-                         rngs=nnx.Rngs(seed))
+  ffn = L.DenseFFN(cfg.model_dim, width, activation=cfg.activation,
+                   dtype=jnp.dtype(cfg.dtype), param_dtype=jnp.float32,
+                   rngs=nnx.Rngs(seed))
   graphdef, params = nnx.split(ffn, nnx.Param)
   x, ct = _inputs(cfg, (rows,), seed + 1)
 
@@ -348,17 +392,20 @@ def part_benches(cfg, engine, seed=0):
 
   router: logits -> token_choice plan -> aux losses (gradient through the
   plan's weights and the losses); dispatch / experts / combine: the
-  engine's own pieces on a fixed plan (for dropless: the sort layout and
-  gather, the grouped FFN, the weighted combine), each differentiated
-  alone with the same read-out as the whole layer. The plan is an argument,
-  not a constant, so XLA cannot fold any of it away.
+  engine's own pieces on a fixed plan, each differentiated alone with the
+  same read-out as the whole layer. A capacity engine (uses_capacity) is
+  timed through its dispatch / combine protocol; a dropless one as the XLA
+  dropless path (the sort layout and gather, the grouped FFN
+  ops.gmm.grouped_ffn at the engine's tile, the weighted combine). The plan
+  is an argument, not a constant, so XLA cannot fold any of it away.
   """
   dtype = jnp.dtype(cfg.dtype)
   layer = moe_layer(cfg, engine, seed)
-  w_router = layer.w_router_ME[...]
-  weights = dispatch_lib.ExpertWeights(*layer.experts.weights())
+  eng = layer.engine
+  w_router = layer.router.w_router_ME[...]
+  weights = ops_ffn.ExpertWeights(*layer.experts.weights())
   x, ct = _inputs(cfg, (cfg.groups, cfg.group_size), seed + 1)
-  capacity = None if engine == "dropless" else cfg.capacity
+  capacity = cfg.capacity if eng.uses_capacity else None
   e, m, g, s, k = (cfg.num_experts, cfg.model_dim, cfg.groups,
                    cfg.group_size, cfg.k)
 
@@ -381,8 +428,8 @@ def part_benches(cfg, engine, seed=0):
   benches = [Bench("router", "fwd_bwd", grad(router_loss, 2), (x, w_router),
                    0)]
   key = jax.random.key(seed + 2)
-  if engine == "dropless":
-    tile = cfg.tile or 128
+  if not eng.uses_capacity:
+    tile = eng.tile
     layout = jax.jit(lambda p: dispatch_lib.dropless_layout(p, tile))(plan)
     token_R = jnp.where(layout.assignment_R < g * s * k,
                         layout.assignment_R // k, g * s)
@@ -390,17 +437,17 @@ def part_benches(cfg, engine, seed=0):
     ct_RM = jax.random.normal(key, (r, m)).astype(dtype)
 
     def disp(x, token_R, row_N):
-      return readout(dispatch_lib.gather_rows(
+      return readout(gather_lib.gather_rows(
           x.reshape(g * s, m), token_R, row_N.reshape(g * s, k)), ct_RM)
 
     def exp(in_RM, w_in, w_out, w_gate, sizes_E):
-      return readout(dispatch_lib.gmm_lib.grouped_ffn(
+      return readout(gmm_lib.grouped_ffn(
           in_RM, w_in, w_out, w_gate, sizes_E, tile=tile,
           activation=cfg.activation), ct_RM)
 
     def comb(out_RM, w_GSK, row_N, assignment_R):
-      y = dispatch_lib.combine_rows(out_RM, w_GSK.reshape(g * s, k),
-                                    row_N.reshape(g * s, k), assignment_R)
+      y = gather_lib.combine_rows(out_RM, w_GSK.reshape(g * s, k),
+                                  row_N.reshape(g * s, k), assignment_R)
       return readout(y, ct.reshape(g * s, m))
 
     benches += [
@@ -414,17 +461,14 @@ def part_benches(cfg, engine, seed=0):
     return benches
   c = cfg.capacity
   buf = jax.random.normal(key, (e, g, c, m)).astype(dtype)
-  if engine == "einsum":
-    dispatch_fn, combine_fn = (dispatch_lib.einsum_dispatch,
-                               dispatch_lib.einsum_combine)
-    ffn = experts_lib.expert_ffn
-  else:
-    dispatch_fn, combine_fn = (dispatch_lib.indices_dispatch,
-                               dispatch_lib.indices_combine)
-    ffn = dispatch_lib.gmm_lib.batched_ffn
+  # The einsum engine's experts part has always been timed as the plain
+  # expert_ffn einsums (the layer itself runs ops.gmm.batched_ffn for every
+  # capacity engine); kept so that recorded parts stay comparable.
+  ffn = (ops_ffn.expert_ffn if isinstance(eng, engines_lib.EinsumEngine)
+         else gmm_lib.batched_ffn)
 
   def disp(x, plan):
-    return readout(dispatch_fn(plan, x), buf)
+    return readout(eng.dispatch(plan, x)[0], buf)
 
   def exp(in_EGCM, w_in, w_out, w_gate):
     out = ffn(in_EGCM.reshape(e, g * c, m), w_in, w_out, w_gate,
@@ -433,7 +477,9 @@ def part_benches(cfg, engine, seed=0):
 
   def comb(out_EGCM, weight_GSK, weight_GEC, plan):
     p = plan.replace(weight_GSK=weight_GSK, weight_GEC=weight_GEC)
-    return readout(combine_fn(p, out_EGCM), ct)
+    # ctx None: the engine rebuilds what it needs from the plan (the indices
+    # engine its slot indices), so the part includes that work.
+    return readout(eng.combine(p, out_EGCM, None), ct)
 
   benches += [
       Bench("dispatch", "fwd_bwd", grad(disp, 1), (x, plan), 0),
@@ -573,11 +619,13 @@ def run_point(cfg, engines, modes, sweep, point, *, dense_baseline="tokens",
   """Measures dense + engines at one config; prints and returns records."""
   benches = dense_benches(cfg, modes, seed, dense_baseline)
   for engine in engines:
-    if engine == "pallas" and not pallas_available():
+    if engine == "dense":  # the baseline, always measured
       continue
-    if engine == "einsum" and cfg.einsum_mask_bytes() > (
-        _EINSUM_MAX_GB.value * 2 ** 30):
-      print(f"  (skipping einsum at {cfg.describe()}: its [G,S,E,C] mask "
+    if is_engine(engine, engines_lib.PallasEngine) and (
+        not pallas_available()):
+      continue
+    if einsum_too_big(cfg, engine):
+      print(f"  (skipping {engine} at {cfg.describe()}: its [G,S,E,C] mask "
             f"would be {cfg.einsum_mask_bytes() / 2 ** 30:.1f} GiB)")
       continue
     benches += moe_benches(cfg, engine, modes, seed)
@@ -615,9 +663,11 @@ def train_records(seed=0):
                               rngs=nnx.Rngs(seed))
     return models.DecoderLM(
         v, m, n_layers, heads, h, moe_every=every, activation=act,
-        dtype=dtype, moe_layer_kwargs=dict(
-            num_experts=e, k=k, router="token_choice", engine=engine,
-            capacity_factor=_TRAIN_CF.value, group_size=group),
+        dtype=dtype, moe={
+            "router": {"name": "token_choice", "k": k},
+            "engine": {"name": engine},
+            "experts": {"num_experts": e},
+            "capacity_factor": _TRAIN_CF.value, "group_size": group},
         rngs=nnx.Rngs(seed))
 
   tx = optax.adamw(1e-3, weight_decay=0.1)
@@ -632,6 +682,8 @@ def train_records(seed=0):
       logits, aux = nnx.merge(graphdef, params, rest)(batch["inputs"])
       ce = optax.softmax_cross_entropy_with_integer_labels(
           logits, batch["targets"]).mean()
+      if aux is None:  # the dense twin has no MoE layer, so no aux losses
+        return ce
       return ce + tfm.total_aux_loss(aux, AUX_WEIGHTS)
 
     def step(state, batch):
@@ -644,7 +696,7 @@ def train_records(seed=0):
     counts = models.count_params(model)
     return model, jax.jit(step, donate_argnums=(0,)), state, counts
 
-  names = ["dense"] + list(_TRAIN_ENGINES.value)
+  names = ["dense"] + [e for e in _TRAIN_ENGINES.value if e != "dense"]
   built = {name: make(name) for name in names}
   states = {name: built[name][2] for name in names}
   compiled = {}
@@ -772,8 +824,7 @@ def sweep_parts():
   cfg = reference_config()
   for engine in [e for e in _ENGINES.value if e in ("einsum", "indices",
                                                      "dropless")]:
-    if engine == "einsum" and cfg.einsum_mask_bytes() > (
-        _EINSUM_MAX_GB.value * 2 ** 30):
+    if einsum_too_big(cfg, engine):
       continue
     benches = (dense_benches(cfg, ["fwd_bwd"]) + moe_benches(
         cfg, engine, ["fwd_bwd"]) + part_benches(cfg, engine))
@@ -931,6 +982,7 @@ def run(sweeps):
   unknown = sorted(set(sweeps) - set(SWEEPS))
   if unknown:
     raise app.UsageError(f"unknown sweeps {unknown}; allowed: {list(SWEEPS)}")
+  check_engine_flags()
   env = environment()
   env["load_start"] = _load()
   dtype = resolve_dtype(_DTYPE.value)

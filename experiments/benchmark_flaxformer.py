@@ -152,20 +152,31 @@ def flaxformer_benches(cfg, router_kind, modes, modules, seed=0):
   return out
 
 
+def moejax_benches(cfg, modes):
+  """The dense FFN and moejax's MoELayer with each --engines engine (CLI
+  names of moejax.layers.build.ENGINES, built by bench.moe_layer), at cfg."""
+  benches = bench.dense_benches(cfg, modes)
+  for engine in bench._ENGINES.value:  # pylint: disable=protected-access
+    if engine == "dense":  # the baseline, always measured
+      continue
+    if bench.is_engine(engine, bench.engines_lib.PallasEngine) and (
+        not bench.pallas_available()):
+      continue
+    benches += bench.moe_benches(cfg, engine, modes)
+  return benches
+
+
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments {argv[1:]}")
   if not FLAGS["output"].present:
     # benchmark.py's default file holds the main benchmark's results.
     FLAGS.output = "benchmark_flaxformer.json"
+  bench.check_engine_flags()
   modules = _import_flaxformer(_FLAXFORMER_PATH.value)
   cfg = bench.reference_config()
   modes = list(bench._MODES.value)  # pylint: disable=protected-access
-  benches = bench.dense_benches(cfg, modes)
-  for engine in bench._ENGINES.value:  # pylint: disable=protected-access
-    if engine == "pallas" and not bench.pallas_available():
-      continue
-    benches += bench.moe_benches(cfg, engine, modes)
+  benches = moejax_benches(cfg, modes)
   moe_layers = modules[0]
   peer_groups = moe_layers._num_groups(cfg.tokens, cfg.group_size,  # pylint: disable=protected-access
                                        cfg.num_experts, 1, False)

@@ -359,9 +359,11 @@ def total_aux_loss(aux, weights):
 
   Args:
     aux: a stacked MoEAux (stack_aux) or None (dense model: returns 0).
-    weights: {loss name: weight}; a non-zero weight on a loss no layer
-      reports raises ValueError (moe_lib.weighted_sum).
+    weights: {loss name: weight}; with MoE layers, a non-zero weight on a
+      loss no layer reports raises ValueError (moe_lib.weighted_sum).
   Returns:
     <float32>[] scalar.
   """
-  return moe_lib.weighted_sum({} if aux is None else aux.losses, weights)
+  if aux is None:  # a dense model: nothing to weight
+    return jnp.zeros((), jnp.float32)
+  return moe_lib.weighted_sum(aux.losses, weights)

@@ -95,3 +95,74 @@ def test_evaluate_targets_from_records():
   assert met["indices flat in E 8..32"] is False   # 1.3 / 1.0 > 1.25
   assert met["MoE LM train step"] is True
   assert any(k.startswith("best engine") and v for k, v in met.items())
+
+
+def _tiny_config(**overrides):
+  sys.path.insert(0, str(ROOT))
+  from experiments import benchmark  # pylint: disable=g-import-not-at-top
+  cfg = benchmark.LayerConfig(
+      tokens=64, model_dim=8, hidden_dim=16, num_experts=4, k=2,
+      capacity_factor=1.0, group_size=32, dtype="float32",
+      activation="swiglu", tile=8)
+  return benchmark, benchmark.dataclasses.replace(cfg, **overrides)
+
+
+def test_engines_come_from_the_registry():
+  from moejax import layers as L  # pylint: disable=g-import-not-at-top
+  from moejax.layers import build  # pylint: disable=g-import-not-at-top
+  benchmark, cfg = _tiny_config()
+  for name, cls in build.ENGINES.items():
+    engine = benchmark.make_engine(cfg, name)
+    assert type(engine) is cls, name  # pylint: disable=unidiomatic-typecheck
+  # --dropless_tile reaches the engines that take a tile, 0 keeps theirs.
+  assert benchmark.make_engine(cfg, "dropless") == L.DroplessEngine(tile=8)
+  assert benchmark.make_engine(cfg, "pallas").tile == 8
+  default = benchmark.make_engine(benchmark.dataclasses.replace(cfg, tile=0),
+                                  "dropless")
+  assert default == L.DroplessEngine()
+  # A dotted path names an engine class too.
+  assert isinstance(benchmark.make_engine(
+      cfg, "moejax.layers.engines.IndicesEngine"), L.IndicesEngine)
+  with pytest.raises(ValueError, match="did you mean 'indices'"):
+    benchmark.make_engine(cfg, "indeces")
+  assert benchmark.is_engine("pallas", L.DroplessEngine)
+  assert not benchmark.is_engine("indices", L.DroplessEngine)
+
+  layer = benchmark.moe_layer(cfg, "dropless")
+  assert isinstance(layer.router, L.TokenChoiceRouter)
+  assert layer.router.k == 2 and layer.experts.hidden_dim == 16
+  assert layer.experts.activation == "swiglu"
+  assert not layer.engine.uses_capacity
+  assert layer.layer_capacity(cfg.group_size, False) is None
+  layer = benchmark.moe_layer(cfg, "indices")
+  assert layer.layer_capacity(cfg.group_size, False) == cfg.capacity
+
+
+@pytest.mark.parametrize("engine", ["einsum", "indices", "dropless"])
+def test_part_benches_run(engine):
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  benchmark, cfg = _tiny_config()
+  benches = benchmark.part_benches(cfg, engine)
+  assert [b.name for b in benches] == ["router", "dispatch", "experts",
+                                       "combine"]
+  assert {b.mode for b in benches} == {"fwd_bwd"}
+  # Only the experts part counts the active expert FLOPs.
+  assert [b.flops for b in benches] == [0, 0, cfg.active_flops("fwd_bwd"), 0]
+  for b in benches:
+    value, grads = b.fn(*b.args)
+    assert np.isfinite(float(value)) and float(value) != 0.0, b.name
+    for g in jax.tree.leaves(grads):
+      assert np.all(np.isfinite(np.asarray(g))), b.name
+
+
+def test_unknown_engine_name_is_a_usage_error(tmp_path):
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  proc = subprocess.run(
+      [sys.executable, "-m", "experiments.benchmark",
+       f"--output={tmp_path / 'bench.json'}", "--engines=indices,indeces"],
+      cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode != 0
+  assert "--engines: unknown engine 'indeces'" in proc.stderr
+  assert "did you mean 'indices'" in proc.stderr
+  assert not (tmp_path / "bench.json").exists()
