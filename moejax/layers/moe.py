@@ -216,6 +216,10 @@ class MoELayer(nnx.Module):
   def set_expert_parallel(self, expert_parallel):
     """Turns expert parallelism on (an ExpertParallel) or off (None); raises
     ValueError for a layer it cannot run (see ExpertParallel.check)."""
+    if expert_parallel is not None and not callable(
+        getattr(expert_parallel, "check", None)):
+      raise ValueError(f"expert_parallel must be a moejax.sharding."
+                       f"ExpertParallel or None, got {expert_parallel!r}")
     if expert_parallel is not None:
       expert_parallel.check(num_experts=self.num_experts,
                             hidden_dim=self.experts.hidden_dim,

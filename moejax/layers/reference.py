@@ -9,14 +9,14 @@ DESIGN.md states. Only for tiny shapes in tests.
 import jax.numpy as jnp
 import numpy as np
 
-from moejax.layers import experts as experts_lib
+from moejax.ops import ffn as ffn_lib
 
 
 def _one_expert(x_M, weights, e, activation):
   w_in, w_out, w_gate = weights
   h = x_M @ w_in[e]
   g = None if w_gate is None else x_M @ w_gate[e]
-  return experts_lib.activate(h, g, activation) @ w_out[e]
+  return ffn_lib.activate(h, g, activation) @ w_out[e]
 
 
 def reference_moe(plan, x_GSM, weights, activation, *, dropless=False):
@@ -29,7 +29,7 @@ def reference_moe(plan, x_GSM, weights, activation, *, dropless=False):
   Args:
     plan: RoutingPlan (any kind).
     x_GSM: [G, S, M].
-    weights: (w_in_EMH, w_out_EHM, w_gate_EMH or None).
+    weights: ExpertWeights or (w_in_EMH, w_out_EHM, w_gate_EMH or None).
     activation: relu, gelu, swiglu, geglu.
     dropless: ignore capacity (use every non-padding assignment).
   Returns:
@@ -73,7 +73,7 @@ def reference_dense_ffn(x_TM, w_in_MH, w_out_HM, w_gate_MH=None,
   """A plain FFN: [T, M] -> [T, M]."""
   h = x_TM @ w_in_MH
   g = None if w_gate_MH is None else x_TM @ w_gate_MH
-  return experts_lib.activate(h, g, activation) @ w_out_HM
+  return ffn_lib.activate(h, g, activation) @ w_out_HM
 
 
 def reference_token_choice_slots(expert_GSK, capacity, num_experts,

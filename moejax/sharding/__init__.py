@@ -1,16 +1,19 @@
 """Meshes, logical axis rules, expert parallelism and multi-process setup.
 
   mesh = make_mesh({'data': -1, 'expert': 4})                 # Auto axes
-  layer = init_sharded(lambda: MoELayer(..., mesh=mesh,
-                                        expert_parallel='shard_map',
-                                        rngs=nnx.Rngs(0)), mesh)
+  ep = ExpertParallel(mesh, mode='shard_map')                 # or 'gspmd'
+  layer = init_sharded(lambda: build_moe(config, model_dim=M,
+                                         rngs=nnx.Rngs(0),
+                                         expert_parallel=ep), mesh)
   y, aux = layer(x)
+  # or, on a built model: enable_expert_parallel(model, mesh, 'shard_map')
 
 See docs/sharding.md.
 """
 
 from moejax.sharding.expert_parallel import EP_MODES
 from moejax.sharding.expert_parallel import ExpertLayout
+from moejax.sharding.expert_parallel import ExpertParallel
 from moejax.sharding.expert_parallel import enable_expert_parallel
 from moejax.sharding.expert_parallel import expert_layout
 from moejax.sharding.expert_parallel import group_local

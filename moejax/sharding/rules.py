@@ -210,8 +210,10 @@ def init_sharded(module_factory: Callable[[], nnx.Module], mesh: Mesh,
   is materialised on one device.
 
   Example:
-    layer = init_sharded(lambda: MoELayer(512, 1024, 64, rngs=nnx.Rngs(0)),
-                         mesh)
+    layer = init_sharded(lambda: build_moe(
+        {"router": {"name": "token_choice", "k": 2},
+         "experts": {"num_experts": 64, "hidden_dim": 1024}},
+        model_dim=512, rngs=nnx.Rngs(0)), mesh)
 
   Args:
     module_factory: () -> nnx.Module, deterministic (seeded nnx.Rngs inside).

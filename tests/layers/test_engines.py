@@ -2,6 +2,7 @@
 
 import functools
 
+from flax import nnx
 import hypothesis
 from hypothesis import strategies as st
 import jax
@@ -9,17 +10,27 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import layers as L
 from moejax import routing
-from moejax.layers import dispatch
-from moejax.layers import gmm as gmm_lib
+from moejax.layers import build as build_lib
 from moejax.layers import reference
+from moejax.ops import ffn as ffn_lib
+from moejax.ops import gather as gather_lib
+from moejax.ops import gmm as gmm_lib
 
 G, S, M, H, E = 2, 8, 4, 6, 4
 
 
+def _engine(name, tile=4):
+  """The engine object of a short name; the dropless one with `tile`."""
+  if name == "dropless":
+    return L.DroplessEngine(tile=tile)
+  return {"einsum": L.EinsumEngine, "indices": L.IndicesEngine}[name]()
+
+
 def _params(key, activation, e=E, m=M, h=H):
   ks = jax.random.split(key, 5)
-  w = dispatch.ExpertWeights(
+  w = ffn_lib.ExpertWeights(
       jax.random.normal(ks[0], (e, m, h)) / np.sqrt(m),
       jax.random.normal(ks[1], (e, h, m)) / np.sqrt(h),
       (jax.random.normal(ks[2], (e, m, h)) / np.sqrt(m)
@@ -42,8 +53,7 @@ def _loss_fn(engine, router, activation, k, capacity, use_reference):
     if use_reference:
       y = reference.reference_moe(plan, x, w, activation)
     else:
-      y = dispatch.run_engine(engine, plan, x, w, activation,
-                              **({"tile": 4} if engine == "dropless" else {}))
+      y = _engine(engine)(plan, x, w, activation)
     # A non-linear read-out so every output element has its own cotangent.
     return jnp.sum(jnp.sin(y.astype(jnp.float32)) * jnp.arange(M)), y
   return loss
@@ -86,10 +96,8 @@ def test_engine_matches_reference_bf16(engine):
   cap = None if engine == "dropless" else 3
   plan = _route("token_choice", x, w_router, k=2, capacity=cap)
   cast = lambda t: jax.tree.map(lambda a: a.astype(jnp.bfloat16), t)
-  y = jax.jit(functools.partial(
-      dispatch.run_engine, engine, activation="swiglu",
-      **({"tile": 4} if engine == "dropless" else {})))(
-          plan, cast(x), weights=cast(w))
+  y = jax.jit(functools.partial(_engine(engine), activation="swiglu"))(
+      plan, cast(x), weights=cast(w))
   assert y.dtype == jnp.bfloat16
   y_ref = reference.reference_moe(plan, x, w, "swiglu")
   np.testing.assert_allclose(y.astype(jnp.float32), y_ref, atol=5e-2,
@@ -100,8 +108,7 @@ def test_one_expert_equals_dense_ffn():
   x, w, w_router = _params(jax.random.key(2), "relu", e=1)
   plan = _route("token_choice", x, w_router, k=1, capacity=S)
   for engine in ("einsum", "indices", "dropless"):
-    y = dispatch.run_engine(engine, plan, x, w, "relu",
-                            **({"tile": 4} if engine == "dropless" else {}))
+    y = _engine(engine)(plan, x, w, "relu")
     dense = reference.reference_dense_ffn(x.reshape(-1, M), w.w_in_EMH[0],
                                           w.w_out_EHM[0]).reshape(x.shape)
     # One expert, softmax over one logit: weight exactly 1.
@@ -114,10 +121,11 @@ def test_one_expert_equals_dense_ffn():
 def test_dropped_assignments_contribute_zero(seed, k, cap):
   x, w, w_router = _params(jax.random.key(seed), "relu")
   plan = _route("token_choice", x, w_router, k=k, capacity=cap)
-  y = dispatch.run_engine("indices", plan, x, w, "relu")
+  engine = L.IndicesEngine()
+  y = engine(plan, x, w, "relu")
   # Zeroing the weights of dropped assignments changes nothing...
   kept = plan.kept_GSK()
-  y2 = dispatch.run_engine("indices", plan.replace(
+  y2 = engine(plan.replace(
       weight_GSK=jnp.where(kept, plan.weight_GSK, 0.0)), x, w, "relu")
   np.testing.assert_allclose(y, y2, atol=1e-6)
   # ...and a token with every assignment dropped gets exactly zero output.
@@ -135,18 +143,20 @@ def test_dropless_equals_capacity_when_capacity_covers_worst_case(seed, k,
   full = routing.token_choice(logits, k=k, capacity=S)  # worst case: C = S
   dropless = routing.token_choice(logits, k=k, capacity=None)
   assert bool(jnp.all(full.kept_GSK()))
-  y_cap = dispatch.run_engine("indices", full, x, w, "gelu")
-  y_drop = dispatch.run_engine("dropless", dropless, x, w, "gelu", tile=tile)
+  y_cap = L.IndicesEngine()(full, x, w, "gelu")
+  y_drop = L.DroplessEngine(tile=tile)(dropless, x, w, "gelu")
   np.testing.assert_allclose(y_cap, y_drop, atol=1e-5, rtol=1e-5)
 
 
 def test_dropless_ragged_dot_impl_matches_scan():
   x, w, w_router = _params(jax.random.key(3), "relu")
   plan = _route("token_choice", x, w_router, k=2, capacity=None)
-  a = dispatch.run_engine("dropless", plan, x, w, "relu", tile=4)
-  b = dispatch.run_engine("dropless", plan, x, w, "relu", tile=4,
-                          gmm_fn=gmm_lib.ragged_dot_gmm)
+  a = L.DroplessEngine(tile=4)(plan, x, w, "relu")
+  b = L.DroplessEngine(tile=4, gmm="ragged_dot")(plan, x, w, "relu")
   np.testing.assert_allclose(a, b, atol=1e-5)
+  # A gmm callable is used as given (here the same ragged_dot).
+  c = L.DroplessEngine(tile=4, gmm=gmm_lib.ragged_dot_gmm)(plan, x, w, "relu")
+  np.testing.assert_allclose(c, b, atol=1e-6)
 
 
 @hypothesis.settings(max_examples=10)
@@ -192,10 +202,10 @@ def test_gather_rows_backward_is_the_adjoint():
   table = jnp.arange(12.0).reshape(4, 3)
   idx = jnp.array([2, 0, 4, 2], jnp.int32)          # 4 = N: a zero row
   inv = jnp.array([[1, 4], [4, 4], [0, 3], [4, 4]], jnp.int32)  # 4 = I: unused
-  out = dispatch.gather_rows(table, idx, inv)
+  out = gather_lib.gather_rows(table, idx, inv)
   np.testing.assert_array_equal(out[2], 0)
   ct = jnp.arange(12.0).reshape(4, 3) + 1
-  g = jax.grad(lambda t: jnp.sum(dispatch.gather_rows(t, idx, inv) * ct))(
+  g = jax.grad(lambda t: jnp.sum(gather_lib.gather_rows(t, idx, inv) * ct))(
       table)
   want = jax.grad(lambda t: jnp.sum(
       jnp.take(t, idx, axis=0, mode="fill", fill_value=0) * ct))(table)
@@ -213,7 +223,7 @@ def test_combine_rows_backward_matches_autodiff():
   ct = jnp.array([[1.0, -2.0, 0.5], [3.0, 1.0, -1.0], [0.25, 2.0, 1.5]])
 
   def fast(o, w):
-    return jnp.sum(dispatch.combine_rows(o, w, row, assignment) * ct)
+    return jnp.sum(gather_lib.combine_rows(o, w, row, assignment) * ct)
 
   def slow(o, w):
     picked = jnp.take(o, row, axis=0, mode="fill", fill_value=0)  # [N,K,M]
@@ -231,13 +241,25 @@ def test_combine_rows_backward_matches_autodiff():
 def test_engine_errors():
   x, w, w_router = _params(jax.random.key(0), "relu")
   plan = _route("token_choice", x, w_router, k=1, capacity=None)
+  # Engine names live in the one registry (build_moe configs).
   with pytest.raises(ValueError, match="unknown engine 'fast'"):
-    dispatch.run_engine("fast", plan, x, w, "relu")
-  with pytest.raises(ValueError, match="dropless"):
-    dispatch.run_engine("indices", plan, x, w, "relu")
+    build_lib.resolve("fast", build_lib.ENGINES, "engine")
+  with pytest.raises(ValueError, match="needs a capacity plan"):
+    L.IndicesEngine()(plan, x, w, "relu")
+  with pytest.raises(ValueError, match="needs a capacity plan"):
+    L.EinsumEngine()(plan, x, w, "relu")
   ec = _route("expert_choice", x, w_router, k=1, capacity=2)
   with pytest.raises(ValueError, match="token-choice plan"):
-    dispatch.run_engine("dropless", ec, x, w, "relu")
+    L.DroplessEngine(tile=4)(ec, x, w, "relu")
+  # The dropless engines refuse a router without a token view up front.
+  router = L.ExpertChoiceRouter(M, E, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="DroplessEngine needs a router"):
+    L.DroplessEngine().check_router(router)
+  L.IndicesEngine().check_router(router)   # capacity engines take any
+  with pytest.raises(ValueError, match="tile must be an integer >= 1"):
+    L.DroplessEngine(tile=0)
+  with pytest.raises(ValueError, match="unknown gmm 'fast'"):
+    L.DroplessEngine(gmm="fast")
   with pytest.raises(ValueError, match="multiple of tile"):
     gmm_lib.gmm(jnp.zeros((5, 2)), jnp.zeros((1, 2, 2)),
                 jnp.array([4]), tile=4)

@@ -18,7 +18,7 @@ from flax import nnx
 from moejax import layers as L
 from moejax import routing
 from moejax.layers import reference
-from moejax.sharding.expert_parallel import ExpertParallel
+from moejax.sharding import ExpertParallel
 from moejax.sharding import make_mesh
 
 M, H, E, K = 8, 16, 4, 2

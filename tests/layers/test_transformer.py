@@ -12,7 +12,20 @@ from moejax import models
 
 # A tiny LM: V=13, M=8, 2 layers, 2 heads (D=4), dense width 16, L=6.
 V, M, LAYERS, HEADS, MLP, L = 13, 8, 2, 2, 16, 6
-DROPLESS_TOP2 = dict(num_experts=4, k=2, engine="dropless")
+
+
+def _moe(num_experts=4, router=None, engine="indices", **kwargs):
+  """A build_moe config: E experts (width and activation from the model),
+  `router` a dict (default top-2 token choice), `engine` a registry name;
+  kwargs are other top-level fields (capacity_factor, ...)."""
+  config = {"router": router or {"name": "token_choice", "k": 2},
+            "engine": {"name": engine},
+            "experts": {"num_experts": num_experts}}
+  config.update(kwargs)
+  return config
+
+
+DROPLESS_TOP2 = _moe(engine="dropless")
 
 
 def _lm(moe_every=1, rngs_seed=0, **kwargs):
@@ -76,34 +89,53 @@ def test_attention_segments_and_padding_isolate_keys():
 
 def test_causal_block_rejects_non_causal_ffns():
   # nnx.eval_shape: the checks run on shapes, nothing is computed.
-  def block(ffn_cls, causal, **kwargs):
+  def soft_moe(rngs):
+    return layers.SoftMoELayer(M, MLP, 4, rngs=rngs)
+
+  def expert_choice(rngs):
+    return layers.MoELayer(router=layers.ExpertChoiceRouter(M, 4, rngs=rngs),
+                           experts=layers.Experts(4, M, MLP, rngs=rngs),
+                           engine=layers.IndicesEngine())
+
+  def block(make_ffn, causal, **kwargs):
     def make():
-      ffn = ffn_cls(M, MLP, 4, rngs=nnx.Rngs(0), **kwargs)
-      return layers.TransformerBlock(M, HEADS, ffn=ffn, causal=causal,
-                                     rngs=nnx.Rngs(0))
+      rngs = nnx.Rngs(0)
+      return layers.TransformerBlock(M, HEADS, ffn=make_ffn(rngs),
+                                     causal=causal, rngs=rngs, **kwargs)
     return nnx.eval_shape(make)
 
   with pytest.raises(ValueError, match="future tokens"):
-    block(layers.SoftMoELayer, True)
-  with pytest.raises(ValueError, match="future tokens"):
-    block(layers.MoELayer, True, k=1, router="expert_choice")
-  assert block(layers.MoELayer, False, k=1, router="expert_choice").is_moe
+    block(soft_moe, True)
+  with pytest.raises(ValueError, match="router ExpertChoiceRouter reads "
+                     "later tokens.*future tokens"):
+    block(expert_choice, True)
+  assert block(expert_choice, False).is_moe
+  assert block(expert_choice, True, allow_non_causal=True).is_moe
 
 
 # ------------------------------------------------------------ decoder LM
 
 
 def test_decoder_shapes_and_stacked_aux():
-  logits, aux = _forward(_lm(moe_every=1, moe_layer_kwargs=DROPLESS_TOP2),
-                         _tokens())
+  logits, aux = _forward(_lm(moe_every=1, moe=DROPLESS_TOP2), _tokens())
   assert logits.shape == (L, L, V) and logits.dtype == jnp.float32
   # One leading entry per MoE layer (both layers are MoE).
-  assert aux.losses.load_balance.shape == (LAYERS,)
+  assert set(aux.losses) == {"load_balance", "z_loss"}
+  assert aux.losses["load_balance"].shape == (LAYERS,)
   assert aux.metrics.expert_load_E.shape == (LAYERS, 4)
   assert float(layers.total_aux_loss(aux, {"load_balance": 1.0})) > 0
+  np.testing.assert_allclose(
+      layers.total_aux_loss(aux, {"load_balance": 1.0, "z_loss": 0.5}),
+      jnp.sum(aux.losses["load_balance"]) + 0.5 * jnp.sum(aux.losses[
+          "z_loss"]), rtol=1e-6)
+  # A non-zero weight on a loss no layer reports would silently do nothing.
+  with pytest.raises(ValueError, match=r"aux loss weights name "
+                     r"\['sequence_balance'\], which no MoE layer reports"):
+    layers.total_aux_loss(aux, {"sequence_balance": 1.0})
   logits, aux = _forward(_lm(moe_every=0), _tokens())
   assert logits.shape == (L, L, V) and aux is None
-  assert float(layers.total_aux_loss(None, {"load_balance": 1.0})) == 0.0
+  # A dense model has no aux losses: every weight multiplies nothing.
+  assert float(layers.total_aux_loss(None, {"load_balance": 1e-2})) == 0.0
 
 
 def _perturbed_batch(seed=3):
@@ -128,46 +160,62 @@ def _max_leak(model):
     ("dense", None),
     ("top2_dropless", DROPLESS_TOP2),
     # capacity_factor E/k makes C = S: nothing can be dropped.
-    ("top2_ample_capacity", dict(num_experts=4, k=2, engine="indices",
-                                 capacity_factor=2.0)),
+    ("top2_ample_capacity", _moe(engine="indices", capacity_factor=2.0)),
     # k=1 claims slots in token order, so even tight capacity is causal.
-    ("top1_tight_capacity", dict(num_experts=4, k=1, engine="einsum",
-                                 capacity_factor=0.5)),
+    ("top1_tight_capacity", _moe(router={"name": "token_choice", "k": 1},
+                                 engine="einsum", capacity_factor=0.5)),
 ])
 def test_decoder_is_causal(name, kwargs):
   # Dropless: both layers MoE; the others: MoE in layer 1 only (cheaper).
   every = 0 if kwargs is None else 1 if kwargs is DROPLESS_TOP2 else 2
-  model = _lm(moe_every=every, moe_layer_kwargs=kwargs)
+  model = _lm(moe_every=every, moe=kwargs)
   assert _max_leak(model) < 1e-5, name
 
 
 def test_causality_check_detects_a_non_causal_router():
   # Sanity check of the test itself: expert choice (allowed knowingly) leaks.
-  model = _lm(moe_every=2, moe_layer_kwargs=dict(
-      num_experts=4, router="expert_choice", capacity_factor=1.0,
+  model = _lm(moe_every=2, moe=_moe(
+      router={"name": "expert_choice"}, capacity_factor=1.0,
       allow_non_causal=True))
   assert _max_leak(model) > 1e-4
 
 
 def test_causal_model_rejects_non_causal_routers():
-  with pytest.raises(ValueError, match="future tokens"):
-    _abstract_lm(moe_layer_kwargs=dict(num_experts=4, router="expert_choice"))
-  with pytest.raises(ValueError, match="future tokens"):
-    _abstract_lm(moe_layer_kwargs=dict(num_experts=4, k=1,
-                                       batch_prioritized=True))
-  with pytest.raises(ValueError, match="future tokens"):
-    _abstract_lm(soft_moe=True, moe_layer_kwargs=dict(num_experts=4))
+  with pytest.raises(layers.MoEConfigError, match="ExpertChoiceRouter reads "
+                     "later tokens.*see the future"):
+    _abstract_lm(moe=_moe(router={"name": "expert_choice"}))
+  with pytest.raises(layers.MoEConfigError, match="see the future"):
+    _abstract_lm(moe=_moe(router={"name": "token_choice", "k": 1,
+                                  "batch_prioritized": True}))
+  with pytest.raises(layers.MoEConfigError, match="future tokens"):
+    _abstract_lm(moe={"layer": "soft_moe", "experts": {"num_experts": 4}})
 
 
 def test_moe_kwargs_are_validated():
-  with pytest.raises(ValueError, match="moe_layer_kwargs is None"):
+  with pytest.raises(ValueError, match="moe is None"):
     _abstract_lm(moe_every=1)
-  with pytest.raises(ValueError, match="model sets"):
-    _abstract_lm(moe_layer_kwargs=dict(num_experts=4, causal=False))
-  with pytest.raises(ValueError, match="does not take"):
-    _abstract_lm(moe_layer_kwargs=dict(num_experts=4, capacity_facter=2.0))
+  # The model sets causality: the config may not.
+  with pytest.raises(layers.MoEConfigError, match=r"moe.causal=False: moved "
+                     r"to the model"):
+    _abstract_lm(moe=_moe(causal=False))
+  with pytest.raises(layers.MoEConfigError, match=r"moe.capacity_facter=2.0: "
+                     r"unknown field \(did you mean moe.capacity_factor\?\)"):
+    _abstract_lm(moe=_moe(capacity_facter=2.0))
+  with pytest.raises(layers.MoEConfigError,
+                     match=r"TokenChoiceRouter does not take \['kk'\]"):
+    _abstract_lm(moe=_moe(router={"name": "token_choice", "kk": 2}))
+  # The old flat form names where each field moved.
+  with pytest.raises(layers.MoEConfigError, match=r"moe.k=2: moved to "
+                     r"moe.router.k"):
+    _abstract_lm(moe={"experts": {"num_experts": 4}, "k": 2})
+  with pytest.raises(layers.MoEConfigError, match=r"moe.router='hash': "
+                     r"moved to moe.router.name"):
+    _abstract_lm(moe={"experts": {"num_experts": 4}, "router": "hash"})
   with pytest.raises(ValueError, match="moe_layers"):
-    _abstract_lm(moe_layers=(0, 2), moe_layer_kwargs=dict(num_experts=4))
+    _abstract_lm(moe_layers=(0, 2), moe=_moe())
+  with pytest.raises(layers.MoEConfigError, match="moe.layers.0: not an MoE "
+                     "layer"):
+    _abstract_lm(moe_every=2, moe=_moe(layers={"0": {"capacity_factor": 2}}))
 
 
 def _copy_shared_parts(src, dst):
@@ -190,8 +238,8 @@ def _zeros_model(abstract):
 def test_one_expert_top1_dropless_equals_dense_ffn():
   dense = _lm(moe_every=0)
   # The same model with layer 1's FFN as an MoE layer of one expert, k=1.
-  moe = _zeros_model(_abstract_lm(moe_every=2, moe_layer_kwargs=dict(
-      num_experts=1, k=1, engine="dropless")))
+  moe = _zeros_model(_abstract_lm(moe_every=2, moe=_moe(
+      1, router={"name": "token_choice", "k": 1}, engine="dropless")))
   _copy_shared_parts(dense, moe)
   nnx.update(moe.blocks[0].ffn, nnx.state(dense.blocks[0].ffn))
   experts, ffn = moe.blocks[1].ffn.experts, dense.blocks[1].ffn
@@ -239,7 +287,8 @@ def test_param_and_flop_counts_by_hand():
   # = 176; total 2480.
   make = lambda: models.DecoderLM(
       11, 8, 2, 2, 16, moe_every=2, activation="relu",
-      moe_layer_kwargs=dict(num_experts=4, k=2, hidden_dim=6),
+      moe={"router": {"name": "token_choice", "k": 2},
+           "experts": {"num_experts": 4, "hidden_dim": 6}},
       rngs=nnx.Rngs(0))
   model = nnx.eval_shape(make)  # shapes only: nothing is allocated
   counts = models.count_params(model)
@@ -257,8 +306,8 @@ def test_flop_matched_dense_variant():
   assert models.flop_matched_dense_mlp_dim(6, 2) == 12
   assert models.flop_matched_dense_mlp_dim(6, 2, 1, 4) == 16
   assert models.flop_matched_dense_mlp_dim(6, 2, moe_every=2, mlp_dim=16) == 14
-  moe = nnx.eval_shape(lambda: _lm(moe_every=1, moe_layer_kwargs=dict(
-      num_experts=4, k=2, hidden_dim=6)))
+  moe = nnx.eval_shape(lambda: _lm(moe_every=1, moe=_moe(
+      experts={"num_experts": 4, "hidden_dim": 6})))
   dense = nnx.eval_shape(lambda: models.DecoderLM(
       V, M, LAYERS, HEADS, 12, activation="relu", rngs=nnx.Rngs(0)))
   assert (models.flops_per_token(moe, L) - models.flops_per_token(dense, L)
@@ -268,7 +317,7 @@ def test_flop_matched_dense_variant():
 
 
 def test_eval_and_train_set_nested_moe_layers():
-  model = _abstract_lm(moe_every=1, moe_layer_kwargs=dict(num_experts=4, k=2))
+  model = _abstract_lm(moe_every=1, moe=_moe())
   moe_layers = [b.ffn for b in model.blocks]
   assert not any(layer.deterministic for layer in moe_layers)
   model.eval()
@@ -278,8 +327,7 @@ def test_eval_and_train_set_nested_moe_layers():
 
 
 def test_jit_grad_and_sgd_reduce_the_loss():
-  model = _lm(moe_every=2, moe_layer_kwargs=dict(
-      num_experts=4, k=2, engine="indices", capacity_factor=1.5))
+  model = _lm(moe_every=2, moe=_moe(engine="indices", capacity_factor=1.5))
   tokens = _tokens(L, L + 1, seed=5)
   inputs, targets = tokens[:, :-1], tokens[:, 1:]
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -322,11 +370,11 @@ def _vit_forward(model, images):
 @pytest.mark.parametrize("soft, pool", [(False, "gap"), (True, "token")])
 def test_vit_forward(soft, pool):
   # 8x8x1 images, 4x4 patches -> 4 patches; 2 blocks; Last-2 -> (1,).
-  kwargs = (dict(num_experts=4, slots_per_expert=2) if soft else
-            dict(num_experts=4, k=2, capacity_factor=1.0))
-  vit = models.ViTClassifier(8, 4, 1, 10, M, 2, HEADS, MLP, soft_moe=soft,
-                             pool=pool, moe_layer_kwargs=kwargs,
-                             rngs=nnx.Rngs(0))
+  moe = ({"layer": "soft_moe", "slots_per_expert": 2,
+          "experts": {"num_experts": 4}} if soft else
+         _moe(capacity_factor=1.0))
+  vit = models.ViTClassifier(8, 4, 1, 10, M, 2, HEADS, MLP, pool=pool,
+                             moe=moe, rngs=nnx.Rngs(0))
   assert vit.moe_layers == (1,)
   images = jnp.asarray(_rng(0).uniform(size=(3, 8, 8, 1)), jnp.float32)
   logits, aux = _vit_forward(vit, images)

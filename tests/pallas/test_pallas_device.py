@@ -5,7 +5,7 @@ Skipped unless JAX sees that device (tests/conftest.py). On a GPU machine:
   JAX_PLATFORMS=cuda,cpu python -m pytest -m gpu tests/pallas -q
 
 Shapes are MoE-like but small (tile 128, bf16 and f32); references are the
-XLA paths (jax.lax.ragged_dot, moejax.layers.gmm, the dropless engine) on the
+XLA paths (jax.lax.ragged_dot, moejax.ops.gmm, the dropless engine) on the
 same device.
 """
 
@@ -17,11 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import layers
 from moejax import pallas
 from moejax import routing
-from moejax.layers import MoELayer
 from moejax.layers import dispatch
-from moejax.layers import gmm as xla_gmm
+from moejax.ops import gmm as xla_gmm
 
 DEVICES = [pytest.param("triton", marks=pytest.mark.gpu, id="gpu"),
            pytest.param("mosaic", marks=pytest.mark.tpu, id="tpu")]
@@ -117,14 +117,20 @@ def test_permute_unpermute_on_device(backend):
 
 @pytest.mark.parametrize("backend", DEVICES)
 def test_layer_pallas_engine_on_device(backend):
-  del backend  # 'auto' must pick it
-  kwargs = dict(k=2, group_size=256, activation="swiglu", dropless_tile=TILE,
-                dtype=jnp.bfloat16)
+  engine = layers.PallasEngine(tile=TILE)   # backend 'auto' must pick it
+  assert pallas.resolve_backend(engine.backend).name == backend
+
+  def make(engine):  # same seed, so the same parameters
+    rngs = nnx.Rngs(0)
+    return layers.MoELayer(
+        router=layers.TokenChoiceRouter(256, 8, k=2, rngs=rngs),
+        experts=layers.Experts(8, 256, 512, activation="swiglu",
+                               dtype=jnp.bfloat16, rngs=rngs),
+        engine=engine, group_size=256)
+
   x = jax.random.normal(jax.random.key(5), (4, 256, 256), jnp.bfloat16)
-  # Same seed, so the same parameters.
-  layer = MoELayer(256, 512, 8, engine="pallas", rngs=nnx.Rngs(0), **kwargs)
-  ref = MoELayer(256, 512, 8, engine="dropless", gmm_impl="ragged_dot",
-                 rngs=nnx.Rngs(0), **kwargs)
+  layer = make(engine)
+  ref = make(layers.DroplessEngine(tile=TILE, gmm="ragged_dot"))
 
   def value_and_grads(model):
     def loss(m):

@@ -1,5 +1,7 @@
 """The pallas engine (interpret mode) against the reference and the other
-engines, directly and through MoELayer(engine='pallas')."""
+engines, directly and through MoELayer(engine=PallasEngine(...))."""
+
+import functools
 
 from flax import nnx
 import jax
@@ -7,18 +9,18 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from moejax import layers
 from moejax import pallas
 from moejax import routing
-from moejax.layers import MoELayer
-from moejax.layers import dispatch
 from moejax.layers import reference
+from moejax.ops import ffn as ffn_lib
 
 G, S, M, H, E, K = 2, 6, 5, 7, 3, 2
 
 
 def _case(activation):
   ks = jax.random.split(jax.random.key(0), 5)
-  w = dispatch.ExpertWeights(
+  w = ffn_lib.ExpertWeights(
       jax.random.normal(ks[0], (E, M, H)) / np.sqrt(M),
       jax.random.normal(ks[1], (E, H, M)) / np.sqrt(H),
       (jax.random.normal(ks[2], (E, M, H)) / np.sqrt(M)
@@ -41,8 +43,7 @@ def _loss_fn(activation, engine_fn):
 
 
 def _pallas_engine(backend):
-  return lambda p, x, w, a: pallas.pallas_dropless_engine(
-      p, x, w, a, tile=4, backend=backend)
+  return layers.PallasEngine(backend=backend, tile=4)
 
 
 def test_engine_matches_reference_and_dropless():
@@ -66,12 +67,14 @@ def test_engine_matches_reference_and_dropless():
     np.testing.assert_allclose(a, b, atol=1e-4, rtol=1e-4)
 
 
-def _layer(engine, **kwargs):
+def _layer(engine):
   # Capacity S*K per expert: nothing is dropped, so capacity engines agree
-  # with the dropless ones.
-  return MoELayer(M, H, E, k=K, engine=engine, group_size=S,
-                  capacity=S * K, activation="geglu", dropless_tile=4,
-                  rngs=nnx.Rngs(0), **kwargs)
+  # with the dropless ones. Same seed, so the same parameters.
+  rngs = nnx.Rngs(0)
+  return layers.MoELayer(
+      router=layers.TokenChoiceRouter(M, E, k=K, rngs=rngs),
+      experts=layers.Experts(E, M, H, activation="geglu", rngs=rngs),
+      engine=engine, group_size=S, capacity=S * K)
 
 
 def _forward(layer, x):
@@ -82,25 +85,43 @@ def test_layer_pallas_engine_equals_other_engines():
   # Forward only: the gradients of the engine are checked above, and the
   # layer adds nothing differentiable around it that differs by engine.
   x = jax.random.normal(jax.random.key(1), (2, S, M))
-  y = _forward(_layer("pallas", pallas_backend="triton_interpret"), x)
-  y_dropless = _forward(_layer("dropless"), x)
+  y = _forward(_layer(layers.PallasEngine(backend="triton_interpret",
+                                          tile=4)), x)
+  y_dropless = _forward(_layer(layers.DroplessEngine(tile=4)), x)
   np.testing.assert_allclose(y, y_dropless, atol=1e-5, rtol=1e-5)
-  np.testing.assert_allclose(y, _forward(_layer("indices"), x), atol=1e-5,
-                             rtol=1e-5)
-  # gmm_impl='pallas': the dropless engine's XLA gathers with the Pallas GMM,
+  np.testing.assert_allclose(y, _forward(_layer(layers.IndicesEngine()), x),
+                             atol=1e-5, rtol=1e-5)
+  # A gmm callable: the dropless engine's XLA gathers with the Pallas GMM,
   # here the TPU kernels in interpret mode.
-  y_gmm = _forward(_layer("dropless", gmm_impl="pallas",
-                          pallas_backend="mosaic_interpret"), x)
+  pallas_gmm = functools.partial(pallas.gmm, backend="mosaic_interpret")
+  y_gmm = _forward(_layer(layers.DroplessEngine(tile=4, gmm=pallas_gmm)), x)
   np.testing.assert_allclose(y_gmm, y_dropless, atol=1e-5, rtol=1e-5)
-  # engine='pallas' is dropless with the kernels; its default backend on CPU
-  # runs the XLA dropless engine (tested above through backend='auto').
-  layer = _layer("pallas")
-  assert layer.engine == "dropless" and layer.pallas_backend == "auto"
+  # The registry name 'pallas' is the PallasEngine; its default backend on
+  # CPU runs the XLA dropless engine (tested above through backend='auto').
+  layer = layers.build_moe(
+      {"router": {"name": "token_choice", "k": K},
+       "engine": {"name": "pallas", "tile": 4},
+       "experts": {"num_experts": E, "hidden_dim": H, "activation": "geglu"},
+       "group_size": S}, model_dim=M, rngs=nnx.Rngs(0))
+  assert layer.engine == layers.PallasEngine(backend="auto", tile=4)
+  assert not layer.engine.uses_capacity
+  assert layer.layer_capacity(S, deterministic=False) is None
+  assert pallas.resolve_backend(layer.engine.backend).kind == "xla"
+  np.testing.assert_allclose(_forward(layer, x), y_dropless, atol=1e-5,
+                             rtol=1e-5)
 
 
 def test_layer_rejects_bad_options():
-  with pytest.raises(ValueError, match="unknown Pallas backend"):
-    _layer("pallas", pallas_backend="cuda")
-  with pytest.raises(ValueError, match="token-choice router"):
-    MoELayer(M, H, E, k=1, engine="pallas", router="expert_choice",
-             rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="unknown pallas backend 'cuda'"):
+    layers.PallasEngine(backend="cuda")
+  with pytest.raises(ValueError, match="always uses the Pallas grouped "
+                     "matmul"):
+    layers.PallasEngine(gmm="scan")
+  with pytest.raises(ValueError, match="tile must be an integer >= 1"):
+    layers.PallasEngine(tile=0)
+  rngs = nnx.Rngs(0)
+  with pytest.raises(ValueError, match="PallasEngine needs a router whose "
+                     "plans give each token's experts"):
+    layers.MoELayer(router=layers.ExpertChoiceRouter(M, E, rngs=rngs),
+                    experts=layers.Experts(E, M, H, rngs=rngs),
+                    engine=layers.PallasEngine())

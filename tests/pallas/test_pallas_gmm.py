@@ -1,4 +1,4 @@
-"""Pallas grouped matmul in interpret mode against moejax.layers.gmm and
+"""Pallas grouped matmul in interpret mode against moejax.ops.gmm and
 jax.lax.ragged_dot: forward and gradients, hand cases and hypothesis sizes.
 
 Interpret mode is slow to compile, so every test keeps its shapes fixed and
@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from moejax import pallas
-from moejax.layers import gmm as xla_gmm
+from moejax.ops import gmm as xla_gmm
 from moejax.pallas import backend as backend_lib
 
 INTERPRET = ("triton_interpret", "mosaic_interpret")

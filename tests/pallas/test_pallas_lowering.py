@@ -15,7 +15,8 @@ import pytest
 
 from moejax import pallas
 from moejax import routing
-from moejax.layers import dispatch
+from moejax.layers import engines
+from moejax.ops import ffn as ffn_lib
 
 S_ = jax.ShapeDtypeStruct
 TARGETS = {"cuda": ("triton", "__gpu$xla.gpu.triton"),
@@ -38,9 +39,10 @@ def _engine_program(backend):
     plan = routing.token_choice(logits, k=2, capacity=None)
 
     def loss(x, w_in, w_gate, w_out):
-      w = dispatch.ExpertWeights(w_in, w_out, w_gate)
-      y = pallas.pallas_dropless_engine(plan, x, w, "swiglu", tile=128,
-                                        backend=backend)
+      w = ffn_lib.ExpertWeights(w_in, w_out, w_gate)
+      # The engine object, as MoELayer(engine=...) runs it.
+      y = engines.PallasEngine(backend=backend, tile=128)(plan, x, w,
+                                                          "swiglu")
       return jnp.sum(y.astype(jnp.float32) ** 2)
     return jax.grad(loss, argnums=(0, 1, 2, 3))(x, w_in, w_gate, w_out)
   bf16 = jnp.bfloat16

@@ -24,7 +24,8 @@ import numpy as np
 import pytest
 
 from moejax import routing
-from moejax.layers import dispatch as dispatch_lib
+from moejax.layers import engines
+from moejax.ops import ffn as ffn_lib
 from moejax.sharding import expert_parallel as ep
 from moejax.sharding import make_mesh
 from moejax.sharding import ragged as ragged_lib
@@ -41,13 +42,21 @@ FAST_COMPILE = {"xla_backend_optimization_level": 0,
 RTOL = ATOL = 2e-5
 
 
+def _engine(name):
+  """The engine object of a grid name (the dropless one with TILE)."""
+  if name == "dropless":
+    return engines.DroplessEngine(tile=TILE)
+  return {"einsum": engines.EinsumEngine,
+          "indices": engines.IndicesEngine}[name]()
+
+
 def _inputs(e, gated):
   rng = np.random.default_rng(e)
   f = lambda *shape, scale=1.0: jnp.asarray(
       rng.normal(size=shape) * scale, jnp.float32)
   x = f(G, S, M)
   w_router = f(M, e)
-  weights = dispatch_lib.ExpertWeights(
+  weights = ffn_lib.ExpertWeights(
       f(e, M, H, scale=0.3), f(e, H, M, scale=0.3),
       f(e, M, H, scale=0.3) if gated else None)
   return x, w_router, weights
@@ -57,21 +66,20 @@ def _loss_fn(engine, e, activation, layout=None, mode=None, mesh=None,
              collective="auto"):
   capacity = None if engine == "dropless" else routing.compute_capacity(
       S, e, k=K)
-  kwargs = {"tile": TILE} if engine == "dropless" else {}
-  ep_kwargs = dict(kwargs, collective=collective) if kwargs else {}
+  engine = _engine(engine)
 
   def loss(x, w_router, weights):
     logits_GSE = jnp.einsum("GSM,ME->GSE", x, w_router)
     route = routing.token_choice
     if layout is not None:
-      route = ep.group_local(route, layout)
-    plan = route(logits_GSE, k=K, capacity=capacity)
+      # Each device routes its own groups: logits_GSE is split over G.
+      route = ep.group_local(route, layout, grouped=("logits_GSE",))
+    plan = route(logits_GSE=logits_GSE, k=K, capacity=capacity)
     if mesh is None:
-      y = dispatch_lib.run_engine(engine, plan, x, weights, activation,
-                                  **kwargs)
+      y = engine(plan, x, weights, activation)
     else:
       y = ep.run_engine_ep(engine, plan, x, weights, activation, mesh=mesh,
-                           mode=mode, **ep_kwargs)
+                           mode=mode, collective=collective)
     return jnp.sum(y * jnp.cos(y)), y
 
   return loss
@@ -262,13 +270,81 @@ def test_explicit_axes_rejected():
     ep.expert_layout(mesh, 8)
 
 
+class _NoProtocol(engines.Engine):
+  """A capacity engine without dispatch/combine (runs only unsharded)."""
+
+  def __call__(self, plan, x_GSM, weights, activation):
+    return x_GSM
+
+
+class _NoTile(engines.Engine):
+  """A dropless engine without tile / gmm_fn."""
+  uses_capacity = False
+
+  def __call__(self, plan, x_GSM, weights, activation):
+    return x_GSM
+
+
 def test_mode_errors():
+  with pytest.raises(ValueError, match="DroplessEngine .* no GSPMD "
+                     "expert-parallel path"):
+    ep.check_engine_mode(engines.DroplessEngine(), "gspmd")
   with pytest.raises(ValueError, match="no GSPMD expert-parallel path"):
-    ep.check_engine_mode("dropless", "gspmd")
-  with pytest.raises(ValueError, match="unknown expert_parallel mode"):
-    ep.check_engine_mode("einsum", "pjit")
-  with pytest.raises(ValueError, match="unknown engine"):
-    ep.check_engine_mode("sorted", "shard_map")
+    ep.check_engine_mode(engines.PallasEngine(), "gspmd")
+  with pytest.raises(ValueError, match="unknown expert_parallel mode 'pjit'"):
+    ep.check_engine_mode(engines.EinsumEngine(), "pjit")
+  with pytest.raises(ValueError, match="_NoProtocol has no expert-parallel "
+                     "path: a capacity engine needs dispatch"):
+    ep.check_engine_mode(_NoProtocol(), "shard_map")
+  with pytest.raises(ValueError, match="_NoTile has no expert-parallel "
+                     "path: a dropless engine needs `tile`"):
+    ep.check_engine_mode(_NoTile(), "shard_map")
+  for engine in (engines.EinsumEngine(), engines.IndicesEngine()):
+    for mode in ep.EP_MODES:
+      ep.check_engine_mode(engine, mode)
+  ep.check_engine_mode(engines.DroplessEngine(), "shard_map")
+
+
+def test_expert_parallel_errors():
+  mesh = make_mesh({"data": 2, "expert": 4})
+  with pytest.raises(ValueError, match="mesh must be a jax.sharding.Mesh, "
+                     "got NoneType"):
+    ep.ExpertParallel(None)
+  with pytest.raises(ValueError, match="unknown expert_parallel mode 'pjit'"):
+    ep.ExpertParallel(mesh, "pjit")
+  with pytest.raises(ValueError, match="unknown dropless collective"):
+    ep.ExpertParallel(mesh, collective="nccl")
+  with pytest.raises(ValueError, match="not implemented by XLA on 'cpu'"):
+    ep.ExpertParallel(mesh, collective="ragged")
+  par = ep.ExpertParallel(mesh, "gspmd", token_axes=["data", "expert"])
+  assert par.token_axes == ("data", "expert")
+  assert hash(par) == hash(ep.ExpertParallel(mesh, "gspmd",
+                                             ("data", "expert")))
+  with pytest.raises(ValueError, match="no GSPMD expert-parallel path"):
+    par.check(num_experts=8, hidden_dim=H, engine=engines.DroplessEngine())
+  with pytest.raises(ValueError, match="num_experts=6 does not fit"):
+    par.check(num_experts=6, hidden_dim=H, engine=engines.EinsumEngine())
+  par.check(num_experts=8, hidden_dim=H, engine=engines.EinsumEngine())
+
+
+def test_group_local_splits_only_the_named_arguments():
+  mesh = make_mesh({"data": 2, "expert": 4})
+  layout = ep.expert_layout(mesh, 8)
+  x, w_router, _ = _inputs(8, False)
+  logits_GSE = jnp.einsum("GSM,ME->GSE", x, w_router)
+  mask_GS = jnp.asarray(np.random.default_rng(0).random((G, S)) > 0.3)
+  want = routing.token_choice(logits_GSE, k=K, capacity=3,
+                              padding_mask_GS=mask_GS)
+  route = ep.group_local(routing.token_choice, layout,
+                         grouped=("logits_GSE", "padding_mask_GS"))
+  got = jax.jit(lambda l, m: route(logits_GSE=l, padding_mask_GS=m, k=K,
+                                   capacity=3))(logits_GSE, mask_GS)
+  for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  with pytest.raises(ValueError, match="6 token groups do not split evenly"):
+    route(logits_GSE=logits_GSE[:6], k=K, capacity=3)
+  with pytest.raises(TypeError):   # keyword arguments only
+    route(logits_GSE, k=K, capacity=3)
 
 
 def test_groups_must_split_evenly():
@@ -278,7 +354,8 @@ def test_groups_must_split_evenly():
   def f(x):
     plan = routing.token_choice(jnp.einsum("GSM,ME->GSE", x, w_router),
                                 k=K, capacity=4)
-    return ep.run_engine_ep("einsum", plan, x, weights, "relu", mesh=mesh)
+    return ep.run_engine_ep(engines.EinsumEngine(), plan, x, weights, "relu",
+                            mesh=mesh)
 
   with pytest.raises(ValueError, match="6 token groups do not split evenly"):
     jax.eval_shape(f, x[:6])

@@ -1,6 +1,6 @@
 """Two processes x 4 CPU devices = one 8-device mesh, equal to one process.
 
-Launches `python -m moejax.sharding.multihost_check` twice (process ids 0
+Launches `python -m experiments.multihost_check` twice (process ids 0
 and 1, gloo CPU collectives, a free local port for the coordinator), which
 trains an expert-parallel MoELayer for a few Adam steps on the global mesh
 {'data': 2, 'expert': 4}; compares every output, gradient and parameter with
@@ -20,7 +20,7 @@ import pytest
 
 from moejax import sharding
 from moejax.sharding import multihost
-from moejax.sharding import multihost_check
+from experiments import multihost_check
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
@@ -47,7 +47,7 @@ def _launch(tmp_path):
     log = open(tmp_path / f"process{pid}.log", "w")
     logs.append(log)
     procs.append(subprocess.Popen(
-        [sys.executable, "-m", "moejax.sharding.multihost_check", "--out",
+        [sys.executable, "-m", "experiments.multihost_check", "--out",
          str(out), "--cpu-devices", "4"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT))
   return procs, logs, out

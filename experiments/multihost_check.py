@@ -4,12 +4,13 @@ Run the same command on every process of a run (with the environment of
 moejax.sharding.multihost set); process 0 writes the results:
 
   MOEJAX_COORDINATOR_ADDRESS=host0:12345 MOEJAX_NUM_PROCESSES=2 \\
-  MOEJAX_PROCESS_ID=0 python -m moejax.sharding.multihost_check --out r.npz
+  MOEJAX_PROCESS_ID=0 python -m experiments.multihost_check --out r.npz
 
 It builds one global mesh (default data=2,expert=-1; --mesh to change it,
 e.g. --mesh data=1 on one device) over every process's devices, initialises
-an MoELayer directly into sharded parameters, and runs forward, backward and
-a few Adam steps with expert parallelism. The results
+an MoELayer (moejax.layers.build_moe, with
+expert_parallel=ExpertParallel(mesh, mode)) directly into sharded
+parameters, and runs forward, backward and a few Adam steps. The results
 (outputs, losses, gradients, final parameters, gathered to full arrays) must
 equal a single-process run on the same number of devices; tests/sharding/
 test_multihost.py launches 2 local processes x 4 CPU devices and checks that.
@@ -35,10 +36,27 @@ def parse_mesh(text):
   return axes
 
 
+def moe_config(engine="indices"):
+  """The check layer's build_moe config: top-2 token choice over
+  NUM_EXPERTS experts, `engine` a registry name (dropless: tile 8)."""
+  from moejax.layers import ENGINES  # after jax is configured (main)
+  return {"router": {"name": "token_choice", "k": 2},
+          # Dropless engines (no capacity) get a tile that fits the test.
+          "engine": ({"name": engine} if ENGINES[engine].uses_capacity
+                     else {"name": engine, "tile": 8}),
+          "experts": {"num_experts": NUM_EXPERTS, "hidden_dim": HIDDEN_DIM},
+          "group_size": GROUP_SIZE, "capacity_factor": 1.5}
+
+
 def run(mesh, *, engine="indices", expert_parallel="shard_map", steps=3,
         learning_rate=1e-2):
   """Trains the check model on `mesh`; returns {name: full numpy array}.
 
+  Args:
+    mesh: the global jax.sharding.Mesh (Auto axes).
+    engine: an engine registry name (moejax.layers.ENGINES).
+    expert_parallel: the ExpertParallel mode, 'shard_map' or 'gspmd'.
+    steps, learning_rate: Adam steps.
   Every process must call it with the same arguments (it is SPMD).
   """
   import jax
@@ -47,15 +65,15 @@ def run(mesh, *, engine="indices", expert_parallel="shard_map", steps=3,
   import optax
   from jax.sharding import NamedSharding, PartitionSpec as P
 
-  from moejax.layers import MoELayer
+  from moejax.layers import build_moe
   from moejax.sharding import expert_parallel as ep_lib
   from moejax.sharding import rules as rules_lib
 
+  ep = ep_lib.ExpertParallel(mesh, expert_parallel)
+
   def factory():
-    return MoELayer(MODEL_DIM, HIDDEN_DIM, NUM_EXPERTS, k=2, engine=engine,
-                    group_size=GROUP_SIZE, capacity_factor=1.5,
-                    dropless_tile=8, mesh=mesh,
-                    expert_parallel=expert_parallel, rngs=nnx.Rngs(0))
+    return build_moe(moe_config(engine), model_dim=MODEL_DIM,
+                     rngs=nnx.Rngs(0), expert_parallel=ep)
 
   model = rules_lib.init_sharded(factory, mesh)
   graphdef, params, rest = nnx.split(model, nnx.Param, ...)
@@ -64,7 +82,7 @@ def run(mesh, *, engine="indices", expert_parallel="shard_map", steps=3,
   rng = np.random.default_rng(0)
   x_np = rng.normal(size=(batch, LENGTH, MODEL_DIM)).astype(np.float32)
   t_np = rng.normal(size=(batch, LENGTH, MODEL_DIM)).astype(np.float32)
-  layout = ep_lib.expert_layout(mesh, NUM_EXPERTS)
+  layout = ep.layout(NUM_EXPERTS)
   batch_sharding = NamedSharding(mesh, P(tuple(
       a for a in layout.token_axes if a in mesh.axis_names) or None))
 
@@ -79,7 +97,8 @@ def run(mesh, *, engine="indices", expert_parallel="shard_map", steps=3,
 
   def loss_fn(params, x, target):
     y, aux = nnx.merge(graphdef, params, rest)(x)
-    loss = jnp.mean(jnp.square(y - target)) + 1e-2 * aux.losses.load_balance
+    loss = (jnp.mean(jnp.square(y - target))
+            + 1e-2 * aux.losses["load_balance"])
     return loss, y
 
   opt_state = jax.jit(opt.init)(params)
@@ -124,8 +143,10 @@ def main(argv=None):
   parser.add_argument("--out", required=True, help="results .npz (process 0)")
   parser.add_argument("--cpu-devices", type=int, default=None,
                       help="CPU devices per process (emulated hosts)")
-  parser.add_argument("--engine", default="indices")
-  parser.add_argument("--expert-parallel", default="shard_map")
+  parser.add_argument("--engine", default="indices",
+                      help="engine registry name: einsum, indices, dropless")
+  parser.add_argument("--expert-parallel", default="shard_map",
+                      help="ExpertParallel mode: shard_map or gspmd")
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--mesh", default="data=2,expert=-1",
                       help="mesh axes, e.g. data=-1,expert=8")
