@@ -54,6 +54,8 @@ _LOAD_RUNS = flags.DEFINE_string(
 _DPI = flags.DEFINE_integer("dpi", 80, "PNG resolution.", lower_bound=20)
 
 MOE_PREFIX = "train/moe/layer"
+# moe.engine.name values that route without capacity (nothing dropped).
+DROPLESS_ENGINES = ("dropless", "pallas")
 
 
 # ------------------------------------------------------------- loading
@@ -105,7 +107,28 @@ class RunData:
     return self.config.get("task") or (self.summary or {}).get("task", "?")
 
   def moe(self, key, default=None):
-    return (self.config.get("moe") or {}).get(key, default)
+    """A field of the run's moe config by dotted name ('engine.name',
+    'experts.num_experts'), or `default` when it is not set."""
+    node = self.config.get("moe") or {}
+    for part in key.split("."):
+      if not isinstance(node, dict) or node.get(part) is None:
+        return default
+      node = node[part]
+    return node
+
+  @property
+  def engine(self):
+    """The MoE engine's name ('indices', 'dropless', ...), or None.
+    (Workdirs written before the nested moe config had moe.engine = name.)"""
+    engine = self.moe("engine")
+    return engine if isinstance(engine, str) or engine is None else (
+        self.moe("engine.name"))
+
+  @property
+  def num_experts(self):
+    """E of the run's MoE layers (0 without). (Old flat configs:
+    moe.num_experts.)"""
+    return self.moe("experts.num_experts") or self.moe("num_experts") or 0
 
   @functools.cached_property
   def moe_layers(self):
@@ -306,7 +329,8 @@ def plot_expert_load(runs, path, dpi=80, max_bins=60):
 def _router_label(run):
   """The run's name without its capacity-factor / engine overrides."""
   parts = [p for p in run.name.split(",")
-           if not p.startswith(("moe.capacity_factor=", "moe.engine="))]
+           if not p.startswith(("moe.capacity_factor=", "moe.engine=",
+                                "moe.engine."))]
   return ",".join(parts) or "default"
 
 
@@ -328,11 +352,10 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
   drawn = False
   for (label, members), color in zip(groups.items(), colors):
     capped = sorted(
-        [r for r in members if r.moe("engine") not in ("dropless", "pallas")
+        [r for r in members if r.engine not in DROPLESS_ENGINES
          and r.moe("capacity_factor") is not None],
         key=lambda r: r.moe("capacity_factor"))
-    dropless = [r for r in members if r.moe("engine") in ("dropless",
-                                                          "pallas")]
+    dropless = [r for r in members if r.engine in DROPLESS_ENGINES]
     if len({r.moe("capacity_factor") for r in capped}) < 2:
       continue
     drawn = True
@@ -365,8 +388,7 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
 
 def _num_choices(run):
   """What the router chooses among: E experts, or E*P slots (Soft MoE)."""
-  e = run.moe("num_experts") or 0
-  return e * (run.moe("slots_per_expert") or 1)
+  return run.num_experts * (run.moe("slots_per_expert") or 1)
 
 
 def plot_router_entropy(runs, path, dpi=80):

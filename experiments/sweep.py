@@ -22,9 +22,10 @@ running trainings get SIGTERM too) continues where it stopped when the same
 command is given again.
 
 Before anything runs every point is checked: its fields must exist (the
-config is locked), a value must have the field's type (`--sweep.moe.k=1,2.5`
-fails: k is an int), a value list must not be empty, and the run's config
-must pass moejax.train.validate_config and build its model (shapes only).
+config is locked), a value must have the field's type
+(`--sweep.moe.router.k=1,2.5` fails: k is an int), a value list must not be
+empty, and the run's config must pass moejax.train.validate_config, which
+builds its model (shapes only).
 
 At the end, and again whenever a run finishes, the sweep writes:
 
@@ -281,8 +282,8 @@ def _slug(text):
 def run_name(point):
   """The workdir name: config_arg (commas as '+'), then field=value parts.
 
-  {'config_arg': 'dense,router=top1', 'moe.num_experts': 16} ->
-  'dense+router=top1,moe.num_experts=16'; {} -> 'default'.
+  {'config_arg': 'dense,router=top1', 'moe.experts.num_experts': 16} ->
+  'dense+router=top1,moe.experts.num_experts=16'; {} -> 'default'.
   """
   parts = []
   if point.get(CONFIG_ARG):

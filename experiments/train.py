@@ -1,7 +1,7 @@
 r"""Trains a model from an ml_collections config: the one training app.
 
   python -m experiments.train --config=experiments/configs/lm_stdlib.py \
-      --workdir=workdirs/lm_stdlib [--config.moe.num_experts=16 ...]
+      --workdir=workdirs/lm_stdlib [--config.moe.experts.num_experts=16 ...]
 
 `--config=path:arg` passes `arg` to the file's get_config (e.g.
 `lm_stdlib.py:dense`). The config is locked: `--config.<field>=value`
@@ -18,6 +18,7 @@ without a traceback (docs/reliability.md).
 """
 
 import os
+import re
 import sys
 
 from absl import app
@@ -69,6 +70,38 @@ def main(argv):
     sys.exit(exit_status(e))
 
 
+def moved_moe_flags(argv):
+  """Flags of the flat moe config moejax used before its nested one
+  (`--config.moe.k=2`, `--config.moe.router=hash`): one line each naming
+  where the field moved; [] when there is none.
+
+  config_flags would refuse them with a bare AttributeError traceback. Pure
+  Python until a flat flag is found (JAX must not start before
+  _setup_devices).
+  """
+  flat = []
+  for arg in argv:
+    m = re.match(r"^--config\.moe\.(\w+)=(.*)$", arg)
+    if m:
+      flat.append(m.groups())
+  if not flat:
+    return []
+  from moejax.layers import build  # pylint: disable=g-import-not-at-top
+  lines = []
+  for key, value in flat:
+    if key in ("router", "engine"):
+      lines.append(f"--config.moe.{key}={value}: moved to --config.moe."
+                   f"{key}.name (moe.{key} is now a dict of the {key}'s "
+                   f"options)")
+    elif key in build.MOVED and key not in (build.MOE_KEYS +
+                                            build.SOFT_MOE_KEYS):
+      target = build.MOVED[key]
+      if re.fullmatch(r"moe\.[\w.]+", target):
+        target = f"--config.{target}"
+      lines.append(f"--config.moe.{key}={value}: moved to {target}")
+  return lines
+
+
 def exit_status(error):
   """The process exit status for a moejax.train.TrainingError."""
   from moejax import train  # pylint: disable=g-import-not-at-top
@@ -80,4 +113,10 @@ def exit_status(error):
 
 
 if __name__ == "__main__":
+  _moved = moved_moe_flags(sys.argv[1:])
+  if _moved:
+    from moejax.train import errors  # pylint: disable=g-import-not-at-top
+    print(f"training stopped: {errors.ConfigError(_moved)}", file=sys.stderr,
+          flush=True)
+    sys.exit(2)
   app.run(main)

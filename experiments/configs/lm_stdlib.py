@@ -82,22 +82,24 @@ def get_config(arg=None):
       num_layers=layers, num_heads=heads, mlp_dim=mlp, moe_every=moe_every,
       activation="swiglu", tie_embeddings=True, dtype="float32",
       param_dtype="float32"))
-  # MoELayer arguments (None: the layer's default).
-  c.moe = ml_collections.ConfigDict(dict(
-      num_experts=experts, k=k, router="token_choice", engine="indices",
-      capacity_factor=1.25, eval_capacity_factor=2.0,
-      hidden_dim=mlp,                             # each expert's width H
-      group_size=config_dict.placeholder(int),    # None: one sequence
-      jitter_eps=0.0, num_shared_experts=0, gating="softmax",
+  # The MoE layers (moejax.layers.build_moe's nested config; unset options
+  # are None placeholders: the layer's defaults).
+  c.moe = config_lib.moe_config(
       # Top-2 combine weights renormalised to sum to 1 (GShard). Without it
       # they start near 2/E, the MoE output is ~4x smaller than a dense
       # FFN's, and this model trains slower than its dense twin. Top-1 keeps
       # the raw probability (Switch), which is how its router gets gradient.
-      renormalize=k > 1))
+      router=dict(name="token_choice", k=k, gating="softmax",
+                  renormalize=k > 1, jitter_eps=0.0),
+      engine=dict(name="indices"),
+      experts=dict(num_experts=experts, hidden_dim=mlp),  # H = mlp
+      capacity_factor=1.25, eval_capacity_factor=2.0,
+      shared=dict(num_experts=0))
+  # group_size None: one sequence per routing group.
 
   if opts["variant"] == "dense":
     c.model.mlp_dim = models.flop_matched_dense_mlp_dim(
-        c.moe.hidden_dim, k, moe_every=moe_every, mlp_dim=mlp)
+        c.moe.experts.hidden_dim, k, moe_every=moe_every, mlp_dim=mlp)
     c.model.moe_every = 0
   elif opts["size"] == "small":
     c.baseline_workdir = "workdirs/lm_stdlib_dense"  # shown if it exists
@@ -129,6 +131,6 @@ def sweep():
   for router in ("top2", "top1"):
     for experts in (4, 8, 16):
       points.append({"config_arg": f"router={router}",
-                     "moe.num_experts": experts})
+                     "moe.experts.num_experts": experts})
     points.append({"config_arg": f"dense,router={router}"})
   return points

@@ -33,7 +33,7 @@ per token, the width of every FFN of the dense baseline:
             grid; the ViT runs compare expert choice instead.
 Capacity: token choice routers train at capacity_factor 1.25 unless swept;
 the eval uses the same factor (eval_capacity_factor None), so drops count in
-the validation loss. `moe.engine=dropless` drops nothing.
+the validation loss. `moe.engine.name=dropless` drops nothing.
 
 ViT runs (8x8 digits, 16 tokens per image = one routing group, E=8, MoE in
 layers 1 and 3), each MoE layer 2 expert FFNs per token:
@@ -46,8 +46,6 @@ layers 1 and 3), each MoE layer 2 expert FFNs per token:
 
 import importlib.util
 import os
-
-from ml_collections import config_dict
 
 from moejax.train import config as config_lib
 
@@ -101,39 +99,48 @@ def _lm_config(router, size):
     c.checkpoint_every = steps // 2
     c.eval_steps = 16
   moe = c.moe
-  moe.num_experts = experts
+  moe.experts.num_experts = experts
   # None: the eval uses the training factor.
-  moe.eval_capacity_factor = config_dict.placeholder(float)
+  moe.eval_capacity_factor = None
   moe.allow_non_causal = False
-  moe.num_shared_experts = 0
-  moe.shared_hidden_dim = config_dict.placeholder(int)
-  moe.bias_update_rate = 1e-3
+  moe.shared.num_experts = 0
   if router == "dense":
     return c
-  moe.k, moe.hidden_dim, moe.renormalize = 1, f, False
+  # Top-1 token choice (Switch), experts of width F, raw probability.
+  moe.router.k, moe.router.renormalize = 1, False
+  moe.experts.hidden_dim = f
   if router == "top2":
-    moe.k, moe.hidden_dim, moe.renormalize = 2, f // 2, True
+    moe.router.k, moe.router.renormalize = 2, True
+    moe.experts.hidden_dim = f // 2
   elif router == "hash":
-    moe.router = "hash"
+    _set_router(moe, name="hash", k=1)
   elif router == "base":
-    moe.router = "balanced"
+    _set_router(moe, name="balanced")
     moe.allow_non_causal = True          # training-time Sinkhorn only
   elif router == "expert_choice":
-    moe.router = "expert_choice"
+    _set_router(moe, name="expert_choice")
     moe.capacity_factor = 1.0
     moe.allow_non_causal = True
   elif router == "deepseek":
-    moe.router = "deepseek"
-    moe.engine = "dropless"
-    moe.num_experts = 2 * experts
-    moe.k, moe.hidden_dim, moe.renormalize = 2, f // 4, True
-    moe.num_shared_experts, moe.shared_hidden_dim = 1, f // 2
     # Short runs: a faster bias update than DeepSeek-V3's 1e-3.
-    moe.bias_update_rate = 1e-2
+    _set_router(moe, name="deepseek", k=2, gating="sigmoid",
+                renormalize=True, bias_update_rate=1e-2)
+    moe.engine.name = "dropless"
+    moe.experts.num_experts = 2 * experts
+    moe.experts.hidden_dim = f // 4
+    moe.shared.num_experts, moe.shared.hidden_dim = 1, f // 2
     c.aux_loss_weights.load_balance = 0.0
     c.aux_loss_weights.z_loss = 0.0
     c.aux_loss_weights.sequence_balance = 1e-4
   return c
+
+
+def _set_router(moe, **options):
+  """Sets moe.router to exactly `options` (every other option unset)."""
+  for key in moe.router:
+    moe.router[key] = None
+  for key, value in options.items():
+    moe.router[key] = value
 
 
 def _vit_config(router, size):
@@ -150,15 +157,15 @@ def _vit_config(router, size):
   if size == "study":
     c.eval_every = steps // 3
     c.checkpoint_every = steps // 2
-  c.moe.num_experts = experts
+  c.moe.experts.num_experts = experts
   if router == "vit_soft":
     c.moe.slots_per_expert = 4
   elif router != "vit_dense":
-    c.moe.eval_capacity_factor = config_dict.placeholder(float)
-    c.moe.batch_prioritized = router == "vit_bpr"
+    c.moe.eval_capacity_factor = None
+    c.moe.router.batch_prioritized = router == "vit_bpr"
     c.moe.capacity_factor = 1.0
     if router == "vit_ec":
-      c.moe.router = "expert_choice"
+      _set_router(c.moe, name="expert_choice")
       c.moe.capacity_factor = 2.0
   return c
 
@@ -179,9 +186,10 @@ def sweep():
   for router in ("top1", "top2"):
     for cf in (1.0, 1.25, 2.0):
       points.append({"config_arg": router, "moe.capacity_factor": cf})
-    points.append({"config_arg": router, "moe.engine": "dropless"})
+    points.append({"config_arg": router, "moe.engine.name": "dropless"})
   for experts in (4, 16):               # 8 is top1 at capacity factor 1.25
-    points.append({"config_arg": "top1", "moe.num_experts": experts})
+    points.append({"config_arg": "top1",
+                   "moe.experts.num_experts": experts})
   for router in ("hash", "base", "deepseek"):
     points.append({"config_arg": router})
   for router in VIT_ROUTERS:

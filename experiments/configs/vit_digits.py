@@ -63,22 +63,25 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       name="vit", image_size=8, patch_size=2, num_channels=1, num_classes=10,
       model_dim=m, num_layers=layers, num_heads=heads, mlp_dim=mlp,
-      num_moe=0 if opts["variant"] == "dense" else 2,
-      soft_moe=opts["variant"] == "soft_moe", pool="gap", activation="gelu",
-      norm="layernorm", dtype="float32", param_dtype="float32"))
+      num_moe=0 if opts["variant"] == "dense" else 2, pool="gap",
+      activation="gelu", norm="layernorm", dtype="float32",
+      param_dtype="float32"))
   if opts["variant"] == "soft_moe":
-    # SoftMoELayer arguments.
-    c.moe = ml_collections.ConfigDict(dict(
-        num_experts=experts, slots_per_expert=2,
-        hidden_dim=config_dict.placeholder(int)))
+    # Soft MoE layers (moe.layer='soft_moe'; experts' width: mlp_dim).
+    c.moe = config_lib.soft_moe_config(
+        experts=dict(num_experts=experts), slots_per_expert=2)
+    # Soft MoE has no router, so its layers report no load-balance or z
+    # loss; a non-zero weight on a loss no layer reports is an error.
+    c.aux_loss_weights.load_balance = 0.0
+    c.aux_loss_weights.z_loss = 0.0
   else:
-    # MoELayer arguments (ignored by the dense variant).
-    c.moe = ml_collections.ConfigDict(dict(
-        num_experts=experts, k=2, router="token_choice", engine="indices",
-        capacity_factor=1.25, eval_capacity_factor=2.0,
-        hidden_dim=config_dict.placeholder(int),
-        group_size=config_dict.placeholder(int),
-        batch_prioritized=True))
+    # Top-2 token choice with batch-prioritized routing (V-MoE); ignored by
+    # the dense variant. Experts' width: mlp_dim.
+    c.moe = config_lib.moe_config(
+        router=dict(name="token_choice", k=2, batch_prioritized=True),
+        engine=dict(name="indices"),
+        experts=dict(num_experts=experts),
+        capacity_factor=1.25, eval_capacity_factor=2.0)
   if opts["size"] == "smoke":
     c.eval_batch_size = 16
     c.eval_steps = 2
@@ -93,7 +96,8 @@ def sweep():
   points = []
   for experts in (4, 8, 16):
     for cf in (1.0, 1.25, 2.0):
-      points.append({"moe.num_experts": experts, "moe.capacity_factor": cf})
+      points.append({"moe.experts.num_experts": experts,
+                     "moe.capacity_factor": cf})
   for slots in (1, 2, 4):
     points.append({"config_arg": "soft_moe", "moe.slots_per_expert": slots})
   points.append({"config_arg": "dense"})

@@ -351,11 +351,15 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   return layer
 
 
-def known_loss_names():
-  """Loss names a layer built from the registry can report."""
+def known_loss_names(layers=()):
+  """Loss names an MoE layer can report: the layer's own, every registered
+  router's `loss_names`, and those of the routers of `layers` (a user's
+  router by dotted path declares its own)."""
   names = set(moe_lib.BASE_LOSSES)
-  for cls in ROUTERS.values():
-    names.update(getattr(cls, "loss_names", ()))
+  routers = list(ROUTERS.values()) + [getattr(l, "router", None)
+                                      for l in layers]
+  for router in routers:
+    names.update(getattr(router, "loss_names", ()))
   return tuple(sorted(names))
 
 

@@ -5,8 +5,12 @@ in task, data, model and moe, and parses its `get_config(arg)` argument with
 `parse_arg`. Nothing here reads flags.
 """
 
+import inspect
+
 import ml_collections
 from ml_collections import config_dict
+
+from moejax.layers import build as build_lib
 
 
 def parse_arg(arg, **choices):
@@ -51,8 +55,9 @@ def base_config():
   A config file sets: task ('lm' or 'classification'); data (dataset,
   train_split, eval_split, ...: see moejax.train.loop.make_datasets); model
   (name: 'decoder_lm' or 'vit', then the model's constructor arguments);
-  moe (MoELayer / SoftMoELayer arguments; None values are left to the
-  layer's defaults).
+  moe (the nested moejax.layers.build_moe config the model gets as `moe=`,
+  usually made with `moe_config`; None values are left to the layer's
+  defaults).
   """
   c = ml_collections.ConfigDict()
   c.task = "lm"
@@ -85,8 +90,12 @@ def base_config():
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0))
-  # Weights of the MoE aux losses (moejax.layers.MoELosses fields), summed
-  # over MoE layers and added to the task loss.
+  # Weights of the MoE aux losses (names: moejax.layers.build.
+  # known_loss_names()), summed over MoE layers and added to the task loss.
+  # Every MoE layer reports load_balance and z_loss; a router adds its own
+  # (noisy_top_k: importance, load; deepseek: sequence_balance). A non-zero
+  # weight on a loss no layer of the model reports is a config error; a zero
+  # weight is ignored.
   c.aux_loss_weights = ml_collections.ConfigDict(dict(
       load_balance=1e-2, z_loss=1e-3, importance=0.0, load=0.0,
       sequence_balance=0.0))
@@ -105,7 +114,7 @@ def base_config():
 def sweep_flags(point, config_path):
   """One sweep point as experiments/train.py flags.
 
-  A point is {'moe.k': 2, ...} (config fields) and optionally 'config_arg'
+  A point is {'moe.router.k': 2, ...} (config fields) and optionally 'config_arg'
   (get_config's arg): sweep_flags({'config_arg': 'dense', 'seed': 1},
   'experiments/configs/lm_stdlib.py') == ['--config=experiments/configs/
   lm_stdlib.py:dense', '--config.seed=1'].
@@ -115,3 +124,99 @@ def sweep_flags(point, config_path):
   flags = [f"--config={config_path}" + (f":{arg}" if arg else "")]
   flags += [f"--config.{key}={value}" for key, value in point.items()]
   return flags
+
+
+# Options of the registry's routers and engines that may stay unset.
+_SKIPPED_OPTIONS = ("self", "model_dim", "num_experts", "rngs")
+
+
+def _option_types(registry):
+  """{option: type} of the keyword options (with a bool, int, float or str
+  default) of every class in `registry` (moejax.layers.build.ROUTERS or
+  ENGINES)."""
+  out = {}
+  for cls in registry.values():
+    for name, p in inspect.signature(cls.__init__).parameters.items():
+      if name in _SKIPPED_OPTIONS or p.kind in (p.VAR_POSITIONAL,
+                                                p.VAR_KEYWORD):
+        continue
+      for typ in (bool, int, float, str):  # bool before int
+        if isinstance(p.default, typ):
+          out.setdefault(name, typ)
+          break
+  return out
+
+
+def _with_placeholders(values, types):
+  """A ConfigDict with every field of `types` (None placeholders of their
+  type), then `values` set on it."""
+  c = ml_collections.ConfigDict(
+      {name: config_dict.placeholder(typ) for name, typ in types.items()})
+  for key, value in dict(values or {}).items():
+    c[key] = value
+  return c
+
+
+def moe_config(*, router, experts, engine=None, **fields):
+  """The train config's `moe` field: a ConfigDict of build_moe's nested
+  config in which every optional field exists as a None placeholder.
+
+  So any router, engine, shared-expert or residual option can be set on
+  the command line (`--config.moe.router.k=1`,
+  `--config.moe.engine.name=dropless --config.moe.engine.tile=64`) and
+  swept ('moe.experts.num_experts'), even when the config file leaves it
+  unset. None leaves are dropped before the model gets the config
+  (moejax.train.loop.moe_kwarg), so they mean "the layer's default"; an
+  option the chosen router or engine does not take is a config error only
+  when it is set.
+
+  Args:
+    router: {'name': ..., option: value}; the placeholders are the options
+      of every router in moejax.layers.build.ROUTERS.
+    experts: {'num_experts': E, 'hidden_dim': H, 'activation': ...}.
+    engine: {'name': ..., option: value}; default {'name': 'indices'}.
+    **fields: the other build_moe fields (capacity_factor,
+      eval_capacity_factor, capacity, min_capacity, capacity_multiple_of,
+      group_size, pad_groups, allow_non_causal; shared and residual as
+      dicts; layers: per-layer overrides {'<i>': {...}}).
+  Returns:
+    ml_collections.ConfigDict.
+  """
+  c = ml_collections.ConfigDict()
+  c.router = _with_placeholders(
+      router, {"name": str, **_option_types(build_lib.ROUTERS)})
+  c.engine = _with_placeholders(
+      engine or {"name": "indices"},
+      {"name": str, **_option_types(build_lib.ENGINES)})
+  c.experts = _with_placeholders(
+      experts, {"num_experts": int, "hidden_dim": int, "activation": str})
+  for name, typ in (("capacity_factor", float),
+                    ("eval_capacity_factor", float), ("capacity", int),
+                    ("min_capacity", int), ("capacity_multiple_of", int),
+                    ("group_size", int), ("pad_groups", bool),
+                    ("allow_non_causal", bool)):
+    c[name] = config_dict.placeholder(typ)
+  c.shared = _with_placeholders(
+      fields.pop("shared", None), {"num_experts": int, "hidden_dim": int})
+  c.residual = _with_placeholders(
+      fields.pop("residual", None), {"hidden_dim": int, "mix": str})
+  for key, value in fields.items():
+    c[key] = value
+  return c
+
+
+def soft_moe_config(*, experts, slots_per_expert=1, **fields):
+  """The train config's `moe` field for Soft MoE layers (layer='soft_moe'):
+  experts {'num_experts': E, 'hidden_dim': H, 'activation': ...},
+  slots_per_expert P, and optionally group_size, allow_non_causal, layers.
+  Unset fields are None placeholders (the layer's default)."""
+  c = ml_collections.ConfigDict()
+  c.layer = "soft_moe"
+  c.experts = _with_placeholders(
+      experts, {"num_experts": int, "hidden_dim": int, "activation": str})
+  c.slots_per_expert = slots_per_expert
+  c.group_size = config_dict.placeholder(int)
+  c.allow_non_causal = config_dict.placeholder(bool)
+  for key, value in fields.items():
+    c[key] = value
+  return c

@@ -61,19 +61,34 @@ def _config_dict(value):
   return value.to_dict() if hasattr(value, "to_dict") else dict(value)
 
 
-def moe_layer_kwargs(config):
-  """config.moe as MoELayer kwargs: None-valued fields are left to the
-  layer's defaults."""
+def _drop_none(tree):
+  """A nested dict without its None leaves, and without dicts left empty."""
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      value = _drop_none(value)
+      if not value:
+        continue
+    if value is not None:
+      out[key] = value
+  return out
+
+
+def moe_kwarg(config):
+  """config.moe as the model's `moe=` argument (the nested build_moe
+  config): None leaves (unset placeholders) are dropped, so they mean the
+  layer's defaults. None when the config has no moe."""
   if "moe" not in config or config.moe is None:
     return None
-  return {k: v for k, v in _config_dict(config.moe).items() if v is not None}
+  return _drop_none(_config_dict(config.moe))
 
 
-def model_kwargs(config):
-  """config.model (minus 'name') as constructor kwargs; dtype names become
-  jnp dtypes and config.moe becomes moe_layer_kwargs."""
+def model_kwargs(config, *, drop=()):
+  """config.model (minus 'name' and the fields in `drop`, which are left to
+  the constructor's defaults) as constructor kwargs; dtype names become jnp
+  dtypes and config.moe becomes the `moe` kwarg (moe_kwarg)."""
   kwargs = {k: v for k, v in _config_dict(config.model).items()
-            if k != "name" and v is not None}
+            if k != "name" and k not in drop and v is not None}
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       try:
@@ -81,9 +96,9 @@ def model_kwargs(config):
       except TypeError:
         raise ValueError(f"config.model.{key}={kwargs[key]!r} is not a dtype "
                          f"name (e.g. 'float32', 'bfloat16')") from None
-  moe = moe_layer_kwargs(config)
+  moe = moe_kwarg(config)
   if moe is not None:
-    kwargs["moe_layer_kwargs"] = moe
+    kwargs["moe"] = moe
   return kwargs
 
 

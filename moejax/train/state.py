@@ -4,7 +4,8 @@ The model is split once into a static nnx.GraphDef and plain pytrees:
 
     params       nnx.state(model, nnx.Param).to_pure_dict()
     model_state  every other nnx Variable (RNG streams of noisy/jittered
-                 routers, DeepSeek router biases, ...) as a pure dict
+                 routers, DeepSeek router biases (router.bias_E), ...) as a
+                 pure dict
     opt_state    tx.init(params)
     step         <int32>[] number of updates applied
 
@@ -47,7 +48,8 @@ def batch_axes(mesh, rules=None):
 
 
 def create_train_state(model_factory: Callable[[], nnx.Module], tx, mesh,
-                       *, rules=None, expert_parallel=None):
+                       *, rules=None, expert_parallel=None,
+                       collective="auto"):
   """Builds the model sharded on `mesh` and its TrainState.
 
   Args:
@@ -55,8 +57,11 @@ def create_train_state(model_factory: Callable[[], nnx.Module], tx, mesh,
     tx: optax.GradientTransformation.
     mesh: jax.sharding.Mesh (make_train_mesh).
     rules: logical axis rules (moejax.sharding.make_rules); None = defaults.
-    expert_parallel: None, 'shard_map' or 'gspmd': turns on expert
-      parallelism in every MoELayer over `mesh` (a static model attribute).
+    expert_parallel: None, 'shard_map' or 'gspmd': gives every MoELayer an
+      ExpertParallel(mesh, mode) (moejax.sharding.enable_expert_parallel; a
+      static model attribute).
+    collective: how dropless engines move rows under expert parallelism
+      ('auto', 'ragged' or 'padded'; ExpertParallel's `collective`).
   Returns:
     (graphdef, TrainState, model): parameters created directly in their
     shards (moejax.sharding.init_sharded); the optimizer state follows the
@@ -64,7 +69,8 @@ def create_train_state(model_factory: Callable[[], nnx.Module], tx, mesh,
   """
   model = sharding_lib.init_sharded(model_factory, mesh, rules)
   if expert_parallel:
-    sharding_lib.enable_expert_parallel(model, mesh, expert_parallel)
+    sharding_lib.enable_expert_parallel(model, mesh, expert_parallel,
+                                        collective=collective)
   graphdef, params, model_state = nnx.split(model, nnx.Param, ...)
   params = params.to_pure_dict()
   model_state = model_state.to_pure_dict()

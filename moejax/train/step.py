@@ -3,11 +3,18 @@
 The loss of one batch is
 
     loss = task loss (masked mean cross-entropy)
-           + sum over MoE layers of sum_name weights[name] * aux.losses.<name>
+           + sum over MoE layers of sum_name weights[name] * aux.losses[name]
 
-with the weights a {name: float} dict over MoELosses fields (load_balance,
-z_loss, importance, load, sequence_balance); see
-moejax.layers.total_aux_loss and MoELosses.weighted_sum.
+with the weights a {name: float} dict over loss names (load_balance,
+z_loss, and the routers' own, e.g. importance, load, sequence_balance;
+moejax.layers.build.known_loss_names). aux.losses holds
+only the names the model's layers report; a non-zero weight on any other
+name raises, a zero weight is ignored (moejax.layers.weighted_sum).
+
+The forward pass changes no router state. After the gradient, the train
+step applies the updates routers ask for from the forward's stats
+(moejax.layers.update_routers: DeepSeek's selection bias); the eval step
+changes no state.
 """
 
 import dataclasses
@@ -19,8 +26,6 @@ import optax
 
 from moejax.layers import moe as moe_lib
 from moejax.layers import transformer as tfm
-
-AUX_LOSS_NAMES = tuple(moe_lib.MoELosses.__dataclass_fields__)
 
 
 def masked_cross_entropy(logits_XV, labels_X, mask_X=None):
@@ -80,20 +85,43 @@ class ClassificationTask:
     return int(batch["image"].shape[0] * self.tokens_per_example)
 
 
+def check_aux_loss_weights(aux_loss_weights):
+  """{name: weight} as a dict of numbers; raises ValueError for a weight
+  that is not a number. Names are checked where the model is known: a
+  non-zero weight on a loss no layer reports raises when the step is
+  traced (moejax.layers.weighted_sum), and validate_config refuses names
+  no layer of the model can report, even with weight 0."""
+  weights = dict(aux_loss_weights or {})
+  for name, w in weights.items():
+    if isinstance(w, bool) or not isinstance(w, (int, float)):
+      raise ValueError(f"aux loss weight {name}={w!r} is not a number")
+  return weights
+
+
+def aux_loss(aux, aux_loss_weights):
+  """sum over MoE layers of sum_name weights[name] * aux.losses[name]
+  (<float32>[], moejax.layers.total_aux_loss); 0 for a model without MoE
+  layers (aux None), whatever the weights. A non-zero weight on a loss no
+  layer reports raises ValueError when traced."""
+  if aux is None:
+    return jnp.zeros((), jnp.float32)
+  return tfm.total_aux_loss(aux, aux_loss_weights)
+
+
 def compute_loss(task, model, batch, aux_loss_weights, deterministic):
   """(loss, (task metrics, stacked MoEAux or None, task loss, weighted aux))."""
   logits, aux = task.forward(model, batch, deterministic)
   task_loss, task_metrics = task.loss(logits, batch)
-  aux_loss = tfm.total_aux_loss(aux, aux_loss_weights)
-  return task_loss + aux_loss, (task_metrics, aux, task_loss, aux_loss)
+  weighted = aux_loss(aux, aux_loss_weights)
+  return task_loss + weighted, (task_metrics, aux, task_loss, weighted)
 
 
 def _aux_metrics(aux):
-  """Per-layer routing metrics and per-name aux losses (summed over layers)."""
+  """Per-layer routing metrics, and each reported aux loss (unweighted,
+  summed over layers) as aux/<name>."""
   if aux is None:
     return {}
-  out = {f"aux/{name}": jnp.sum(getattr(aux.losses, name))
-         for name in AUX_LOSS_NAMES}
+  out = {f"aux/{name}": jnp.sum(value) for name, value in aux.losses.items()}
   m = aux.metrics
   out.update({
       "moe/expert_load": m.expert_load_E,               # [layers, E]
@@ -114,7 +142,9 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
     task: LMTask or ClassificationTask.
     tx: optax.GradientTransformation (make_optimizer).
     schedule: step -> learning rate (for the metric only).
-    aux_loss_weights: {MoELosses field: weight}; unknown names raise.
+    aux_loss_weights: {loss name: weight}; a non-zero weight on a loss
+      the model's layers do not report raises when the step is traced
+      (moejax.train.validate_config catches it first, and typos too).
     state_shardings: the TrainState's shardings, pinned as out_shardings so
       parameters keep their layout step after step; None lets XLA choose.
     donate: donate the input state's buffers (the caller must not reuse it).
@@ -124,16 +154,21 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
     inject_nan_steps: fault injection for tests: the loss of these steps
       (the step number after the update, 1-based) is multiplied by NaN, so
       the loss and every gradient are NaN.
+
+  After the gradient, the routers' state updates (DeepSeek's bias) are
+  applied from the forward pass's stats (moejax.layers.update_routers), so
+  the returned model_state holds them; a skipped step keeps the old one.
+
   Returns:
     A jitted function. metrics: loss, ce_loss (task loss), aux_loss
-    (weighted), aux/<name> (unweighted, summed over layers), accuracy,
+    (weighted), aux/<name> for each loss the layers report (unweighted,
+    summed over layers), accuracy,
     grad_norm (before clipping), param_norm, learning_rate, and for MoE
     models moe/expert_load [layers, E], moe/dropped_fraction,
     moe/router_entropy, moe/max_over_mean_load [layers]; with
     skip_nonfinite, skipped (1.0 when the update was skipped).
   """
-  weights = dict(aux_loss_weights)
-  moe_lib.MoELosses.zeros().weighted_sum(weights)  # validate names now
+  weights = check_aux_loss_weights(aux_loss_weights)
   nan_steps = tuple(int(s) for s in inject_nan_steps)
 
   def train_step(state, batch):
@@ -147,12 +182,17 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
       model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
       return loss, (extras, model_state)
 
-    (loss, ((task_metrics, aux, task_loss, aux_loss), model_state)), grads = (
+    (loss, ((task_metrics, aux, task_loss, weighted), model_state)), grads = (
         jax.value_and_grad(loss_fn, has_aux=True)(state.params))
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
+    if aux is not None:
+      # Router state updates from the forward's stats (DeepSeek's bias).
+      model = nnx.merge(graphdef, params, model_state)
+      moe_lib.update_routers(model, aux)
+      model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
     metrics = {
-        "loss": loss, "ce_loss": task_loss, "aux_loss": aux_loss,
+        "loss": loss, "ce_loss": task_loss, "aux_loss": weighted,
         "accuracy": task_metrics["accuracy"],
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(params),
@@ -175,18 +215,18 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
 def make_eval_step(graphdef, task, aux_loss_weights):
   """The jitted eval step: (TrainState, batch) -> metrics of the batch.
 
-  Runs the model with deterministic=True (eval capacity factor, no noise,
-  no router-bias update); the state is not changed. Metrics: loss, ce_loss,
-  aux_loss, accuracy, weight (the number of scored positions, for
+  Runs the model with deterministic=True (eval capacity factor, no noise)
+  and applies no router update: the state is not changed. Metrics: loss,
+  ce_loss, aux_loss, accuracy, weight (the number of scored positions, for
   averaging) and the MoE metrics of make_train_step.
   """
-  weights = dict(aux_loss_weights)
+  weights = check_aux_loss_weights(aux_loss_weights)
 
   def eval_step(state, batch):
     model = nnx.merge(graphdef, state.params, state.model_state)
-    loss, (task_metrics, aux, task_loss, aux_loss) = compute_loss(
+    loss, (task_metrics, aux, task_loss, weighted) = compute_loss(
         task, model, batch, weights, deterministic=True)
-    metrics = {"loss": loss, "ce_loss": task_loss, "aux_loss": aux_loss,
+    metrics = {"loss": loss, "ce_loss": task_loss, "aux_loss": weighted,
                **task_metrics}
     metrics.update(_aux_metrics(aux))
     return metrics

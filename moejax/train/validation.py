@@ -1,25 +1,37 @@
-"""Config checks that run before anything is built or compiled.
+"""Config checks that run before anything is compiled.
 
 `validate_config(config)` looks at every field train_and_evaluate reads and
 raises one `ConfigError` listing each invalid field as
 
     config.<field>=<value>: <why>; allowed: <what is allowed>
 
+The loop's own fields (steps, batch sizes, mesh, optimizer, ...) are checked
+here. The model and its MoE layers are checked by building the model
+abstractly (nnx.eval_shape: shapes only, no arrays, nothing compiled): the
+layers' constructors own their rules (moejax.layers.build.build_moe raises
+MoEConfigError, one line per bad field), and their errors are turned into
+`config.moe.<field>=<value>: ...` lines here, so there is no second copy of
+the rules to drift.
+
 `check_resume_config(saved, config)` refuses to resume a run whose config
 changes the model or the data it was trained on (see RESUME_LOCKED).
 """
 
+import copy
+import inspect
 import math
 import numbers
+import re
 
+from flax import nnx
 import jax
 
 from moejax.data import corpus
 from moejax.data import digits
-from moejax.layers import dispatch as dispatch_lib
+from moejax.layers import build as build_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import params as params_lib
-from moejax.routing.token_choice import GATINGS
+from moejax.sharding import expert_parallel as ep_lib
 from moejax.sharding import mesh as mesh_lib
 from moejax.sharding import rules as rules_lib
 from moejax.train.errors import ConfigError
@@ -32,10 +44,6 @@ DTYPES = ("float32", "bfloat16", "float16")
 PRNG_IMPLS = ("", "rbg", "unsafe_rbg", "threefry2x32")
 EXPERT_PARALLEL = ("", "shard_map", "gspmd")
 NAN_POLICIES = ("stop", "skip")
-ENGINES = (*dispatch_lib.ENGINES, "pallas")
-# Routers whose token choice does not look at later tokens.
-CAUSAL_ROUTERS = tuple(r for r in moe_lib.ROUTERS
-                       if r not in moe_lib.NON_CAUSAL_ROUTERS)
 # Model size fields: (name, minimum), checked when the model config has them.
 MODEL_SIZES = {
     "decoder_lm": (("vocab_size", 1), ("model_dim", 1), ("num_layers", 1),
@@ -66,12 +74,20 @@ class _Problems:
 
   def __init__(self):
     self.lines = []
+    self.fields = set()  # the fields named so far
 
   def add(self, field, value, allowed, why=None):
     text = f"config.{field}={value!r}: "
     if why:
       text += f"{why}; "
-    self.lines.append(text + f"allowed: {allowed}")
+    self.line(field, text + f"allowed: {allowed}")
+
+  def line(self, field, text):
+    """Adds a ready line about `field` (once per field)."""
+    if field in self.fields:
+      return
+    self.fields.add(field)
+    self.lines.append(text)
 
   def integer(self, field, value, minimum=1, maximum=None, optional=False):
     """Checks an int field; True if it is valid."""
@@ -127,20 +143,6 @@ def _get(config, dotted, default=None):
   return node
 
 
-def has_moe_layers(config):
-  """Whether config.model builds MoE (or Soft MoE) layers."""
-  model = config.get("model")
-  if model is None or "moe" not in config or config.moe is None:
-    return False
-  if model.get("moe_layers"):
-    return True
-  if model.get("name") == "decoder_lm":
-    return bool(model.get("moe_every"))
-  if model.get("name") == "vit":
-    return bool(model.get("num_moe", 2))
-  return False
-
-
 # ------------------------------------------------------------- sections
 
 
@@ -193,15 +195,51 @@ def _check_optimizer(c, p):
            optional=True)
 
 
-def _check_aux_weights(c, p):
+def _check_aux_weights(c, p, moe_layers):
+  """Names against every loss a layer can report (the registry's routers'
+  and the built model's; a typo is an error even with weight 0); values >=
+  0. Whether the model's layers report a name with a non-zero weight is
+  checked on the built model (_check_reported)."""
   weights = c.get("aux_loss_weights") or {}
-  allowed = tuple(moe_lib.MoELosses.__dataclass_fields__)
+  allowed = build_lib.known_loss_names(moe_layers)
   for name in weights:
     if name not in allowed:
+      close = [n for n in allowed if n.replace("_", "") == name.replace(
+          "_", "")] or _close(name, allowed)
+      hint = f" (did you mean {close[0]!r}?)" if close else ""
       p.add(f"aux_loss_weights.{name}", weights[name],
-            f"names {list(allowed)}", why="not an MoE aux loss")
+            f"names {list(allowed)}", why=f"not an MoE aux loss{hint}")
     else:
       p.number(f"aux_loss_weights.{name}", weights[name], 0)
+
+
+def _close(name, allowed):
+  import difflib  # pylint: disable=g-import-not-at-top
+  return difflib.get_close_matches(name, list(allowed), n=1)
+
+
+def _check_reported(c, p, moe_layers):
+  """A non-zero weight on a loss none of the model's MoE layers reports
+  (the train step would raise when traced)."""
+  if not moe_layers:
+    return  # no MoE layer: the aux loss is 0 whatever the weights
+  reported = set()
+  for layer in moe_layers:
+    reported |= set(_reported_losses(layer))
+  for name, weight in (c.get("aux_loss_weights") or {}).items():
+    if (weight and name not in reported and isinstance(weight, numbers.Real)
+        and name in build_lib.known_loss_names(moe_layers)):
+      p.add(f"aux_loss_weights.{name}", weight, f"0.0, or a router that "
+            f"reports {name!r}", why=f"no MoE layer of this model reports "
+            f"it (reported: {sorted(reported)})")
+
+
+def _reported_losses(layer):
+  """The aux loss names an MoE layer reports: the layer's load_balance and
+  z_loss plus its router's loss_names; Soft MoE reports none."""
+  if not isinstance(layer, moe_lib.MoELayer):
+    return ()
+  return (*moe_lib.BASE_LOSSES, *getattr(layer.router, "loss_names", ()))
 
 
 def _check_model(c, p):
@@ -268,65 +306,256 @@ def _check_data(c, p):
               why=f"dataset {dataset!r} has {field} {want}")
 
 
-def _check_moe(c, p, causal):
-  """MoE layer fields; `causal`: the model is a causal decoder."""
-  m = c.moe
-  soft = bool((c.get("model") or {}).get("soft_moe"))
-  experts = m.get("num_experts")
-  p.integer("moe.num_experts", experts, 1)
-  p.integer("moe.hidden_dim", m.get("hidden_dim"), 1, optional=True)
-  if soft:
-    p.integer("moe.slots_per_expert", m.get("slots_per_expert", 1), 1)
-    if causal:
-      p.add("model.soft_moe", True, "False in a causal model (or a "
-            "non-causal model such as 'vit')", why="Soft MoE mixes every "
-            "token of a group into every slot, so a token would see future "
-            "tokens")
+# Model fields the model can be built without when they are invalid (the
+# constructor's default stands in, the problem is already listed), so the
+# MoE layers are still checked.
+BUILD_WITHOUT = ("dtype", "param_dtype", "activation", "head_dim", "pool",
+                 "norm")
+_PARTS = ("router", "engine", "experts", "shared", "residual")
+_REGISTRIES = {"router": build_lib.ROUTERS, "engine": build_lib.ENGINES}
+
+
+def _moe_dict(c):
+  """config.moe as the model gets it (None leaves dropped), or None."""
+  from moejax.train import loop  # pylint: disable=g-import-not-at-top
+  return loop.moe_kwarg(c)
+
+
+def _check_flat_form(c, p):
+  """The old flat moe form (moe.router='x', moe.k=2, ...): one line per
+  field naming where it moved. True when the config is in that form."""
+  moe = _moe_dict(c)
+  if not moe:
+    return False
+  try:
+    build_lib.check_flat_form(moe)
+  except build_lib.MoEConfigError as e:
+    for line in e.lines:
+      _add_moe_line(p, line, moe)
+    return True
+  return False
+
+
+def build_abstract_model(c, p):
+  """nnx.eval_shape of config.model (no arrays, nothing compiled), with the
+  errors of the model's and the MoE layers' constructors as problems.
+  Returns the abstract model, or None when it does not build."""
+  from moejax.train import loop  # pylint: disable=g-import-not-at-top
+  model = c.get("model")
+  if model is None or model.get("name") not in loop.MODELS:
+    return None
+  drop = [f for f in BUILD_WITHOUT if f"model.{f}" in p.fields]
+  try:
+    kwargs = loop.model_kwargs(c, drop=drop)
+  except ValueError:
+    return None  # a dtype name: already listed
+  cls = loop.MODELS[model.get("name")]
+  model_problems = any(f.startswith("model.") for f in p.fields)
+  try:
+    return nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
+  except build_lib.MoEConfigError as e:
+    for line in e.lines:
+      _add_moe_line(p, line, kwargs.get("moe") or {})
+  except (ValueError, TypeError) as e:
+    if not model_problems:  # else most likely the problem already listed
+      _add_model_line(p, str(e), c)
+  return None
+
+
+def _add_model_line(p, msg, c):
+  """A model constructor's error, on the model field it names."""
+  model = {k: v for k, v in _as_dict(c.model).items() if v is not None}
+  keys = {f"model.{k}": v for k, v in model.items() if k != "name"}
+  keys["moe"] = _moe_dict(c)
+  field = _first_named(msg, keys)
+  if field is None:
+    field, msg = "model.name", f"the model does not build: {msg}"
+  value = keys.get(field, model.get("name"))
+  p.line(field, f"config.{field}={value!r}: {msg}")
+
+
+def _as_dict(tree):
+  return tree.to_dict() if hasattr(tree, "to_dict") else dict(tree or {})
+
+
+def _first_named(msg, candidates):
+  """The candidate field (dotted; its last part is searched as a word) that
+  `msg` names first; ties go to the longer name. None if none is named."""
+  best = None
+  for field in candidates:
+    name = field.rsplit(".", 1)[-1]
+    m = re.search(rf"(?<![\w]){re.escape(name)}(?![\w])", msg)
+    if m and (best is None or (m.start(), -len(name)) < best[0]):
+      best = ((m.start(), -len(name)), field)
+  return None if best is None else best[1]
+
+
+def _lookup(tree, dotted):
+  node = tree
+  for part in dotted.split(".") if dotted else ():
+    if not isinstance(node, dict) or part not in node:
+      return None
+    node = node[part]
+  return node
+
+
+def _option_message(part, moe, msg):
+  """Python's 'X() got an unexpected keyword argument' for a router or
+  engine option, as '<Class> does not take <option>; allowed: [...]'."""
+  m = re.search(r"unexpected keyword argument '(\w+)'", msg)
+  if m is None or part not in _REGISTRIES:
+    return msg
+  try:
+    cls = build_lib.resolve(_lookup(moe, f"{part}.name"), _REGISTRIES[part],
+                            part)
+  except ValueError:
+    return msg
+  options = sorted(n for n, q in inspect.signature(cls.__init__).parameters
+                   .items() if n not in ("self", "model_dim", "num_experts",
+                                         "rngs")
+                   and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD))
+  return (f"{cls.__name__} does not take option {m.group(1)!r}; its "
+          f"options: {options} (and 'name')")
+
+
+def _merged_view(moe):
+  """moe with every per-layer override merged in (the fields any layer has;
+  for finding which field a message names)."""
+  def merge(base, override):
+    for key, value in override.items():
+      if isinstance(value, dict) and isinstance(base.get(key), dict):
+        merge(base[key], value)
+      else:
+        base[key] = copy.deepcopy(value)
+  view = copy.deepcopy({k: v for k, v in moe.items() if k != "layers"})
+  for override in (moe.get("layers") or {}).values():
+    if isinstance(override, dict):
+      merge(view, override)
+  return view
+
+
+def _where(moe, field, msg):
+  """(field, value) of an MoE field: the base config's, or a per-layer
+  override's (moe.layers.<i>.<...>) when only it has the field, or when msg
+  quotes its value and not the base one."""
+  if field == "moe":
+    return field, moe
+  rel = field[len("moe."):]
+  base = _lookup(moe, rel)
+  overrides = [(f"moe.layers.{i}.{rel}", _lookup(o, rel))
+               for i, o in (moe.get("layers") or {}).items()
+               if isinstance(o, dict) and _lookup(o, rel) is not None]
+  quoted = lambda v: v is not None and repr(v) in msg
+  for where, value in overrides:
+    if quoted(value) and not quoted(base):
+      return where, value
+  if base is None and overrides:
+    return overrides[0]
+  return field, base
+
+
+def _moe_field(path, msg, moe):
+  """The config field (dotted, from 'moe') an MoEConfigError line
+  '<path>: <msg>' is about: a key of <path>'s dict that msg names (the
+  router's `name` when msg quotes it), else a key of another part, else the
+  part whose router/engine class msg names, else <path> itself."""
+  moe = _merged_view(moe)
+  rel = path[len("moe."):] if path.startswith("moe.") else ""
+  if rel.startswith("layers.") or not isinstance(_lookup(moe, rel), dict):
+    return path
+  def leaves(prefix):
+    node = _lookup(moe, prefix)
+    if not isinstance(node, dict):
+      return {}
+    return {".".join(filter(None, ("moe", prefix, k))): v
+            for k, v in node.items() if not isinstance(v, dict)}
+  own = leaves(rel)
+  name = own.get(f"{path}.name")
+  if isinstance(name, str) and repr(name) in msg:
+    return f"{path}.name"
+  field = _first_named(msg, own)
+  if field:
+    return field
+  others = {}
+  for part in ("", *_PARTS):
+    if part != rel:
+      others.update(leaves(part))
+  field = _first_named(msg, others)
+  if field:
+    return field
+  found = None
+  for part, registry in _REGISTRIES.items():
+    try:
+      cls = build_lib.resolve(_lookup(moe, f"{part}.name") or "", registry,
+                              part)
+    except ValueError:
+      continue
+    at = msg.find(cls.__name__)
+    if at >= 0 and (found is None or at < found[0]):
+      found = (at, f"moe.{part}.name")
+  return found[1] if found else path
+
+
+def _split_value(text):
+  """'<python repr>: <why>' -> (repr, why), splitting at the first ': '
+  outside quotes and brackets."""
+  depth, quote, i = 0, None, 0
+  while i < len(text) - 1:
+    ch = text[i]
+    if quote:
+      if ch == "\\":
+        i += 1
+      elif ch == quote:
+        quote = None
+    elif ch in "'\"":
+      quote = ch
+    elif ch in "([{":
+      depth += 1
+    elif ch in ")]}":
+      depth -= 1
+    elif depth == 0 and text.startswith(": ", i):
+      return text[:i], text[i + 2:]
+    i += 1
+  return text, ""
+
+
+def _add_moe_line(p, line, moe):
+  """An MoEConfigError line ('moe.router: k must be ...', 'moe.k=2: moved
+  to moe.router.k') as 'config.moe.<field>=<value>: <why>', one per field."""
+  m = re.match(r"^(moe(?:\.[\w.]+)?)(?: \(soft_moe\))?(=|: )", line)
+  if m is None:
+    p.line("moe", f"config.moe: {line}")
     return
-  router = m.get("router", "token_choice")
-  engine = m.get("engine", "indices")
-  k = m.get("k", 2)
-  router_ok = p.choice("moe.router", router, moe_lib.ROUTERS)
-  engine_ok = p.choice("moe.engine", engine, ENGINES)
-  if _pos_int(experts):
-    p.integer("moe.k", k, 1, experts)
-  else:
-    p.integer("moe.k", k, 1)
-  p.number("moe.capacity_factor", m.get("capacity_factor", 1.0), 0,
-           low_open=True)
-  p.number("moe.eval_capacity_factor", m.get("eval_capacity_factor"), 0,
-           low_open=True, optional=True)
-  p.integer("moe.capacity", m.get("capacity"), 1, optional=True)
-  p.integer("moe.min_capacity", m.get("min_capacity", 1), 1)
-  p.integer("moe.group_size", m.get("group_size"), 1, optional=True)
-  p.integer("moe.num_shared_experts", m.get("num_shared_experts", 0), 0)
-  if m.get("activation") is not None:
-    p.choice("moe.activation", m.get("activation"), params_lib.ACTIVATIONS)
-  if m.get("gating") is not None:
-    p.choice("moe.gating", m.get("gating"), GATINGS)
-  if router_ok and engine_ok and router == "expert_choice" and engine in (
-      "dropless", "pallas"):
-    p.add("moe.engine", engine, "'einsum' or 'indices' with router "
-          "'expert_choice'", why="expert choice fills fixed slots")
-  if router == "balanced" and k != 1:
-    p.add("moe.k", k, "1 with router 'balanced'",
-          why="BASE routes each token to one expert")
-  if causal and not m.get("allow_non_causal", False):
-    if router_ok and router in moe_lib.NON_CAUSAL_ROUTERS:
-      p.add("moe.router", router, f"{list(CAUSAL_ROUTERS)} in a causal "
-            f"model (or moe.allow_non_causal=True)",
-            why=f"model {c.model.name!r} is causal and router {router!r} "
-            f"chooses tokens using the whole group, so a token would see "
-            f"future tokens")
-    if m.get("batch_prioritized"):
-      p.add("moe.batch_prioritized", True, "False in a causal model (or "
-            "moe.allow_non_causal=True)", why="batch-prioritized routing "
-            "orders tokens by later tokens' scores")
+  path, sep = m.group(1), m.group(2)
+  rest = line[m.end():]
+  if sep == "=":  # 'moe.<field>=<value>: <why>'
+    value_text, msg = _split_value(rest)
+    if isinstance(_lookup(_merged_view(moe), path[len("moe."):]), dict):
+      field = _moe_field(path, msg, moe)  # a whole part: name the option
+      if field != path:
+        field, value = _where(moe, field, msg)
+        p.line(field, f"config.{field}={value!r}: {msg}")
+        return
+    p.line(path, f"config.{path}={value_text}: {msg}")
+    return
+  part = path.split(".")[1] if "." in path else ""
+  unknown = re.match(r"^(\w+) does not take \[(.*?)\]; its options: (.*)$",
+                     rest)
+  if unknown and part in _REGISTRIES:  # one line per option not taken
+    cls, names, options = unknown.groups()
+    for name in re.findall(r"'(\w+)'", names):
+      field, value = _where(moe, f"{path}.{name}", "")
+      p.line(field, f"config.{field}={value!r}: {cls} does not take option "
+             f"{name!r}; its options: {options} (and 'name')")
+    return
+  msg = _option_message(part, moe, rest)
+  field, value = _where(moe, _moe_field(path, msg, moe), msg)
+  p.line(field, f"config.{field}={value!r}: {msg}")
 
 
 def _check_mesh(c, p, num_devices, process_count):
-  """Mesh sizes vs devices, experts vs the expert axis, batch vs the
-  data-parallel size."""
+  """Mesh sizes vs devices, batch vs the data-parallel size. Returns
+  {axis: size}, or None when the mesh does not fit the devices."""
   mesh = c.get("mesh")
   if mesh is None:
     p.add("mesh", None, "{axis: size} over data, fsdp, expert, tensor")
@@ -346,7 +575,7 @@ def _check_mesh(c, p, num_devices, process_count):
   except ValueError as e:
     p.add("sharding_rules", c.get("sharding_rules"), "logical axis rules "
           "(moejax.sharding.make_rules)", why=str(e))
-    return
+    return axes
   shards = math.prod(axes[a] for a in batch_axes)
   for field in ("batch_size", "eval_batch_size"):
     b = c.get(field)
@@ -357,31 +586,51 @@ def _check_mesh(c, p, num_devices, process_count):
     elif _pos_int(b) and b % process_count:
       p.add(field, b, f"a multiple of {process_count}",
             why=f"{process_count} processes each load a share")
-  ep = c.get("expert_parallel") or ""
-  if not (ep and has_moe_layers(c)):
-    return
-  experts = c.moe.get("num_experts")
+  return axes
+
+
+def _check_expert_parallel(c, p, axes, moe_layers):
+  """Each MoE layer of the built model against the mesh: E vs the expert
+  axis, H vs the tensor axis, and its engine vs the mode (ExpertParallel's
+  checks, without a mesh of real devices)."""
+  mode = c.get("expert_parallel") or ""
+  if not (mode in ep_lib.EP_MODES and axes and moe_layers):
+    return  # off, or an unknown mode (already listed)
+  moe = _moe_dict(c) or {}
   x = axes.get(mesh_lib.EXPERT, 1)
-  if _pos_int(experts) and x > 1 and experts % x and x % experts:
-    p.add("moe.num_experts", experts, f"a multiple or a divisor of "
-          f"mesh.expert={x}", why="expert parallelism splits the experts "
-          "over the expert axis")
-  engine = c.moe.get("engine", "indices")
-  if ep == "gspmd" and engine in ("dropless", "pallas"):
-    p.add("moe.engine", engine, "'einsum' or 'indices' with "
-          "expert_parallel='gspmd' (or expert_parallel='shard_map')",
-          why="the dropless engine has no GSPMD expert-parallel path")
-  hidden = c.moe.get("hidden_dim")
   t = axes.get(mesh_lib.TENSOR, 1)
-  if _pos_int(hidden) and hidden % t:
-    p.add("moe.hidden_dim", hidden, f"a multiple of mesh.tensor={t}")
+  for layer in moe_layers:
+    if not callable(getattr(layer, "set_expert_parallel", None)):
+      continue  # Soft MoE: not expert-parallel
+    e = layer.num_experts
+    if x > 1 and e % x and x % e:
+      p.add("moe.experts.num_experts", e, f"a multiple or a divisor of "
+            f"mesh.expert={x}", why="expert parallelism splits the experts "
+            "over the expert axis")
+    h = layer.experts.hidden_dim
+    if h % t:
+      field = ("moe.experts.hidden_dim" if _lookup(moe, "experts.hidden_dim")
+               else "model.mlp_dim")
+      p.add(field, h, f"a multiple of mesh.tensor={t}",
+            why="tensor parallelism splits each expert's hidden units")
+    try:
+      ep_lib.check_engine_mode(layer.engine, mode)
+    except ValueError as e:
+      p.add("moe.engine.name", _lookup(moe, "engine.name"),
+            f"a capacity engine ('einsum' or 'indices') with "
+            f"expert_parallel={mode!r}, or expert_parallel='shard_map'",
+            why=str(e))
 
 
 # ------------------------------------------------------------- entry points
 
 
 def validate_config(config, *, num_devices=None, process_count=None):
-  """Checks every field train_and_evaluate reads; builds nothing.
+  """Checks every field train_and_evaluate reads, before anything compiles.
+
+  The loop's fields are checked directly; the model and its MoE layers by
+  building the model with nnx.eval_shape (shapes only: fast, no arrays, no
+  compilation), whose constructor errors become config lines.
 
   Args:
     config: the run's ConfigDict.
@@ -394,17 +643,21 @@ def validate_config(config, *, num_devices=None, process_count=None):
   p = _Problems()
   _check_loop(config, p)
   _check_optimizer(config, p)
-  _check_aux_weights(config, p)
   _check_model(config, p)
   _check_data(config, p)
-  if has_moe_layers(config):
-    causal = (config.model.get("name") == "decoder_lm")
-    _check_moe(config, p, causal)
+  model = None
+  if not _check_flat_form(config, p):
+    model = build_abstract_model(config, p)
+  moe_layers = [] if model is None else [
+      blk.ffn for blk in getattr(model, "blocks", ()) if blk.is_moe]
+  _check_aux_weights(config, p, moe_layers)
+  _check_reported(config, p, moe_layers)
   if num_devices is None:
     num_devices = jax.device_count()
   if process_count is None:
     process_count = jax.process_count()
-  _check_mesh(config, p, num_devices, process_count)
+  axes = _check_mesh(config, p, num_devices, process_count)
+  _check_expert_parallel(config, p, axes, moe_layers)
   if p.lines:
     raise ConfigError(p.lines)
 

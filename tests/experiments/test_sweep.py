@@ -35,10 +35,10 @@ STUDY = str(ROOT / "experiments" / "configs" / "router_study.py")
 
 def test_parse_argv_takes_out_the_sweep_and_config_flags():
   rest, axes, fixed = sweep.parse_argv([
-      "--sweep_dir=x", "--sweep.moe.k=1,2", "--config.seed=3",
+      "--sweep_dir=x", "--sweep.moe.router.k=1,2", "--config.seed=3",
       "--sweep.config_arg=dense;size=smoke,router=top1", "--parallel=2"])
   assert rest == ["--sweep_dir=x", "--parallel=2"]
-  assert axes == {"moe.k": ["1", "2"],
+  assert axes == {"moe.router.k": ["1", "2"],
                   "config_arg": ["dense", "size=smoke,router=top1"]}
   assert fixed == {"seed": "3"}
 
@@ -55,39 +55,53 @@ def test_grid_is_file_points_times_flag_axes():
 def test_run_names_come_from_the_overrides():
   assert sweep.run_name({}) == "default"
   assert sweep.run_name({"config_arg": "dense,router=top1",
-                         "moe.num_experts": 16, "moe.capacity_factor": 1.0,
-                         "moe.renormalize": True}) == (
-                             "dense+router=top1,moe.num_experts=16,"
-                             "moe.capacity_factor=1.0,moe.renormalize=true")
+                         "moe.experts.num_experts": 16,
+                         "moe.capacity_factor": 1.0,
+                         "moe.router.renormalize": True}) == (
+                             "dense+router=top1,moe.experts.num_experts=16,"
+                             "moe.capacity_factor=1.0,"
+                             "moe.router.renormalize=true")
 
 
 def test_make_runs_types_the_values_and_builds_the_commands(tmp_path):
   runs = sweep.make_runs(
       f"{LM}:size=smoke", str(tmp_path), file_grid=False,
       axes={"moe.capacity_factor": ["1", "2.5"],
-            "moe.renormalize": ["false"]},
+            "moe.router.renormalize": ["false"],
+            "moe.engine.tile": ["64"]},  # an unset (None) option, typed
       fixed={"num_train_steps": "4"}, check=False)
   assert [r.name for r in runs] == [
-      "moe.capacity_factor=1.0,moe.renormalize=false",
-      "moe.capacity_factor=2.5,moe.renormalize=false"]
+      "moe.capacity_factor=1.0,moe.router.renormalize=false,"
+      "moe.engine.tile=64",
+      "moe.capacity_factor=2.5,moe.router.renormalize=false,"
+      "moe.engine.tile=64"]
   assert runs[0].point == {"moe.capacity_factor": 1.0,
-                           "moe.renormalize": False}
+                           "moe.router.renormalize": False,
+                           "moe.engine.tile": 64}
   assert runs[0].total_steps == 4
+  assert runs[0].config["moe"]["engine"] == {
+      "name": "indices", "tile": 64, "gmm": None, "backend": None}
+  name = ("moe.capacity_factor=2.5,moe.router.renormalize=false,"
+          "moe.engine.tile=64")
   assert runs[1].argv == [
       f"--config={LM}:size=smoke", "--config.num_train_steps=4",
-      "--config.moe.capacity_factor=2.5", "--config.moe.renormalize=false",
-      f"--workdir={tmp_path}/moe.capacity_factor=2.5,moe.renormalize=false"]
+      "--config.moe.capacity_factor=2.5",
+      "--config.moe.router.renormalize=false", "--config.moe.engine.tile=64",
+      f"--workdir={tmp_path}/{name}"]
 
 
 @pytest.mark.parametrize("axes,fixed,match", [
-    ({"moe.num_expert": ["4"]}, {}, r"unknown config field 'moe.num_expert'"
-     r".*moe.num_experts"),
-    ({"moe.k": []}, {}, "empty value list"),
-    ({"moe.k": ["1", "2.5"]}, {}, r"moe.k='2.5': expected a value of type "
-     "int"),
-    ({"moe.renormalize": ["maybe"]}, {}, "type bool"),
+    ({"moe.experts.num_expert": ["4"]}, {},
+     r"unknown config field 'moe.experts.num_expert'"
+     r".*moe.experts.num_experts"),
+    ({"moe.k": ["1"]}, {}, r"unknown config field 'moe.k'"),  # flat form
+    ({"moe.router.k": []}, {}, "empty value list"),
+    ({"moe.router.k": ["1", "2.5"]}, {},
+     r"moe.router.k='2.5': expected a value of type int"),
+    ({"moe.router.renormalize": ["maybe"]}, {}, "type bool"),
     ({"moe.capacity_factor": ["big"]}, {}, "type float"),
     ({"moe": ["1"]}, {}, "is a ConfigDict"),
+    ({"moe.router": ["top_k"]}, {}, "is a ConfigDict"),
     ({}, {"seed": "x"}, "type int"),
     ({"seed": ["1"]}, {"seed": "2"}, "also swept"),
     ({"config_arg": ["size=huge"]}, {}, r"get_config\('size=huge'\)"),
@@ -102,16 +116,24 @@ def test_bad_grids_fail_before_anything_runs(tmp_path, axes, fixed, match):
 def test_bad_file_points_and_invalid_configs_fail(tmp_path):
   # The file grid crossed with a flag that the grid also sets.
   with pytest.raises(sweep.GridError, match="--nofile_grid"):
-    sweep.make_runs(LM, str(tmp_path), axes={"moe.num_experts": ["2"]},
-                    check=False)
+    sweep.make_runs(LM, str(tmp_path),
+                    axes={"moe.experts.num_experts": ["2"]}, check=False)
   # A config that validate_config rejects, and a model that cannot build
-  # (k > E: caught by validate_config or else by building the model).
+  # (k > E and an option the router does not take: validate_config builds
+  # the model abstractly and names the field).
   with pytest.raises(sweep.GridError, match="batch_size"):
     sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
                     axes={"batch_size": ["0"]})
-  with pytest.raises(sweep.GridError, match=r"'moe.k': '5'.*config.moe.k=5: allowed: an integer in \[1, 4\]"):
+  with pytest.raises(sweep.GridError, match=(
+      r"'moe.router.k': '5'.*config.moe.router.k=5: k must be an integer "
+      r"with 1 <= k <= num_experts \(4\)")):
     sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
-                    axes={"moe.k": ["5"]})
+                    axes={"moe.router.k": ["5"]})
+  with pytest.raises(sweep.GridError, match=(
+      r"config.moe.router.bias_update_rate=0.1: TokenChoiceRouter does not "
+      r"take option 'bias_update_rate'")):
+    sweep.make_runs(f"{LM}:size=smoke", str(tmp_path), file_grid=False,
+                    axes={"moe.router.bias_update_rate": ["0.1"]})
   assert not os.listdir(tmp_path)
 
 
@@ -169,7 +191,8 @@ def test_the_router_study_grid_is_valid(tmp_path):
   runs = sweep.make_runs(f"{STUDY}:size=smoke", str(tmp_path))
   names = [r.name for r in runs]
   assert len(names) == len(set(names)) == 19
-  assert "top2,moe.engine=dropless" in names and "vit_ec" in names
+  assert "top2,moe.engine.name=dropless" in names and "vit_ec" in names
+  assert "top1,moe.experts.num_experts=16" in names
 
 
 _FAKE_TRAIN = """
@@ -276,13 +299,46 @@ def test_run_sweep_reports_a_clean_early_exit_as_stopped(tmp_path,
 
 
 def test_markdown_table_formats_the_metrics():
-  rows = [{"run": "a", "status": "finished", "moe.k": 1,
+  rows = [{"run": "a", "status": "finished", "moe.router.k": 1,
            "eval_ce_loss": 2.0, "dropped_fraction": 0.125,
            "tokens_per_sec": 1234.5}]
   table = sweep.markdown_table(rows)
   assert table.splitlines()[0] == (
-      "| run | moe.k | val loss | dropped | tokens/s |")
+      "| run | moe.router.k | val loss | dropped | tokens/s |")
   assert table.splitlines()[2] == "| a | 1 | 2.0000 | 12.5% | 1,234 |"
+
+
+def _fake_workdir(path, moe):
+  os.makedirs(path)
+  with open(os.path.join(path, "config.json"), "w") as f:
+    json.dump({"task": "lm", "moe": moe}, f)
+
+
+def test_report_reads_the_nested_moe_config(tmp_path):
+  from experiments import report  # pylint: disable=g-import-not-at-top
+  nested = {"router": {"name": "token_choice", "k": 1, "gating": None},
+            "engine": {"name": "dropless", "tile": None},
+            "experts": {"num_experts": 8, "hidden_dim": None},
+            "capacity_factor": 1.25}
+  _fake_workdir(str(tmp_path / "a"), nested)
+  run = report.RunData("top1,moe.engine.name=dropless", str(tmp_path / "a"))
+  assert run.engine == "dropless" and run.num_experts == 8
+  assert run.moe("router.name") == "token_choice"
+  assert run.moe("router.gating", "unset") == "unset"  # None: not set
+  assert run.moe("capacity_factor") == 1.25
+  assert report._router_label(run) == "top1"  # pylint: disable=protected-access
+  soft = {"layer": "soft_moe", "experts": {"num_experts": 4},
+          "slots_per_expert": 2}
+  _fake_workdir(str(tmp_path / "s"), soft)
+  run = report.RunData("vit_soft", str(tmp_path / "s"))
+  assert run.engine is None
+  assert report._num_choices(run) == 8  # pylint: disable=protected-access
+  # A workdir written before the nested config (moe.engine was the name).
+  _fake_workdir(str(tmp_path / "old"), {"engine": "pallas",
+                                        "num_experts": 16})
+  run = report.RunData("top2,moe.engine=pallas", str(tmp_path / "old"))
+  assert run.engine == "pallas" and run.num_experts == 16
+  assert report._router_label(run) == "top2"  # pylint: disable=protected-access
 
 
 # ------------------------------------------------------------- end to end

@@ -431,7 +431,7 @@ def test_nan_skip_policy_counts_and_stops_after_too_many_in_a_row(
 def test_changed_model_config_is_refused(env, straight):
   config_before = open(os.path.join(straight, "config.json")).read()
   run = Run(env, straight, "--config.model.model_dim=64",
-            "--config.moe.num_experts=8",
+            "--config.moe.experts.num_experts=8",
             "--config.optimizer.learning_rate=0.01").wait()
   assert run.rc == 2
   message = run.stopped_line()
@@ -439,8 +439,9 @@ def test_changed_model_config_is_refused(env, straight):
   assert message == (f"refusing to resume from {straight}/checkpoints/40: "
                      f"the config changes 2 field(s) that define the model "
                      f"or its data:")
-  assert lines[1:3] == ["  model.model_dim: 32 (checkpoint) -> 64 (now)",
-                        "  moe.num_experts: 4 (checkpoint) -> 8 (now)"]
+  assert lines[1:3] == [
+      "  model.model_dim: 32 (checkpoint) -> 64 (now)",
+      "  moe.experts.num_experts: 4 (checkpoint) -> 8 (now)"]
   assert "Run with the checkpointed values, or start a new --workdir" in (
       run.stderr)
   assert "mesh" not in run.stdout  # refused before anything was built
@@ -449,7 +450,7 @@ def test_changed_model_config_is_refused(env, straight):
 
 def test_invalid_config_fails_before_anything_starts(env, tmp_path):
   workdir = tmp_path / "w"
-  run = Run(env, workdir, "--config.moe.k=5",
+  run = Run(env, workdir, "--config.moe.router.k=5",
             "--config.model.dtype=float31", "--config.batch_size=7").wait()
   assert run.rc == 2
   text = run.stderr.split("training stopped: ")[1]
@@ -457,7 +458,8 @@ def test_invalid_config_fails_before_anything_starts(env, tmp_path):
       "3 config errors:",
       "  config.model.dtype='float31': allowed: ['float32', 'bfloat16', "
       "'float16']",
-      "  config.moe.k=5: allowed: an integer in [1, 4]",
+      "  config.moe.router.k=5: k must be an integer with 1 <= k <= "
+      "num_experts (4), got 5",
       "  config.batch_size=7: the batch is split over mesh axes ['data', "
       "'fsdp', 'expert'] of sizes [2, 1, 1]; allowed: a multiple of 2"]
   assert not workdir.exists()

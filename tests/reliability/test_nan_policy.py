@@ -52,3 +52,36 @@ def test_a_nan_step_is_skipped_exactly():
   state3, m3 = train_step(state2, batch)   # step 3: training goes on
   assert float(m3["skipped"]) == 0.0 and int(state3.step) == 3
   assert not state_lib.tree_equal(state3.params, state2.params)
+
+
+def test_a_skipped_step_applies_no_router_update():
+  # DeepSeek's bias moves after every step from the forward's expert load
+  # (moejax.layers.update_routers); a skipped step must not move it.
+  from moejax import models  # pylint: disable=g-import-not-at-top
+  moe = {"router": {"name": "deepseek", "k": 2, "bias_update_rate": 0.1},
+         "experts": {"num_experts": 4}, "capacity_factor": 2.0}
+
+  def factory():
+    return models.DecoderLM(16, 8, 1, 2, 16, moe_every=1, moe=moe,
+                            rngs=nnx.Rngs(0))
+  schedule = optim.make_schedule(learning_rate=1e-2, total_steps=10,
+                                 warmup_steps=0)
+  tx = optim.make_optimizer(schedule)
+  mesh = state_lib.make_train_mesh({"data": 1},
+                                   devices=jax.devices()[:1])
+  graphdef, state, _ = state_lib.create_train_state(factory, tx, mesh)
+  train_step = step_lib.make_train_step(
+      graphdef, step_lib.LMTask(), tx, schedule, {"load_balance": 0.0},
+      donate=False, skip_nonfinite=True, inject_nan_steps=(2,))
+  tokens = jnp.arange(4 * 9).reshape(4, 9) % 16
+  batch = {"inputs": tokens[:, :-1], "targets": tokens[:, 1:]}
+  bias = lambda s: np.asarray(
+      s.model_state["blocks"][0]["ffn"]["router"]["bias_E"])
+
+  state1, m1 = train_step(state, batch)
+  assert float(m1["skipped"]) == 0.0
+  assert np.any(bias(state1) != bias(state))   # a normal step moves it
+  state2, m2 = train_step(state1, batch)       # NaN: skipped
+  assert float(m2["skipped"]) == 1.0
+  np.testing.assert_array_equal(bias(state2), bias(state1))
+  assert state_lib.tree_equal(state2.model_state, state1.model_state)

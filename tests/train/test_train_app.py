@@ -91,8 +91,14 @@ def _check_smoke_run(workdir, proc):
   assert last["train/ce_loss"] < first["train/ce_loss"] - 0.3, (
       first["train/ce_loss"], last["train/ce_loss"])
   weights = config["aux_loss_weights"]
+  # One aux/<name> metric per loss the layers report (token choice:
+  # load_balance and z_loss); the other weights are 0.
+  reported = sorted(k[len("train/aux/"):] for k in train[0]
+                    if k.startswith("train/aux/"))
+  assert reported == ["load_balance", "z_loss"]
+  assert all(not w for name, w in weights.items() if name not in reported)
   for r in train:
-    aux = sum(w * r[f"train/aux/{name}"] for name, w in weights.items())
+    aux = sum(weights[name] * r[f"train/aux/{name}"] for name in reported)
     assert r["train/aux_loss"] == pytest.approx(aux, rel=1e-5)
     assert r["train/loss"] == pytest.approx(r["train/ce_loss"] + aux,
                                             rel=1e-6)
@@ -136,6 +142,8 @@ def _check_resume(straight_dir, app_env):
   flat_a = dict(_flatten(a))
   flat_b = dict(_flatten(b))
   assert flat_a.keys() == flat_b.keys() and len(flat_a) > 10
+  # The router's weights live in the router module of block 1's MoE layer.
+  assert "/params/blocks/1/ffn/router/w_router_ME" in flat_a, sorted(flat_a)
   for key in flat_a:
     np.testing.assert_array_equal(flat_a[key], flat_b[key], err_msg=key)
   # Same data position.
@@ -159,11 +167,32 @@ def _flatten(tree, prefix=""):
 
 
 def test_misspelt_override_fails_at_launch(app_env, tmp_path):
-  proc = _run(app_env, *SMOKE, "--config.moe.num_expert=16",
+  proc = _run(app_env, *SMOKE, "--config.moe.experts.num_expert=16",
               f"--workdir={tmp_path}")
   assert proc.returncode != 0
   assert "num_expert" in proc.stderr
   assert not os.listdir(tmp_path)  # nothing started
+  # A field of the old flat moe config: where it moved, no traceback.
+  proc = _run(app_env, *SMOKE, "--config.moe.k=1",
+              "--config.moe.num_experts=8", "--config.moe.router=hash",
+              f"--workdir={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert proc.stderr.splitlines()[-4:] == [
+      "training stopped: 3 config errors:",
+      "  --config.moe.k=1: moved to --config.moe.router.k",
+      "  --config.moe.num_experts=8: moved to "
+      "--config.moe.experts.num_experts",
+      "  --config.moe.router=hash: moved to --config.moe.router.name "
+      "(moe.router is now a dict of the router's options)"]
+  assert "Traceback" not in proc.stderr
+  assert not os.listdir(tmp_path)
+  # A nested override reaches the model: an invalid one is a config error
+  # (exit status 2) naming the field.
+  proc = _run(app_env, *SMOKE, "--config.moe.router.k=9",
+              f"--workdir={tmp_path}")
+  assert proc.returncode == 2, proc.stderr[-2000:]
+  assert "config.moe.router.k=9: k must be an integer" in proc.stderr
+  assert not os.listdir(tmp_path)
   proc = _run(app_env, "--config=experiments/configs/lm_stdlib.py:"
               "variant=sparse", f"--workdir={tmp_path}")
   assert proc.returncode != 0 and "variant" in proc.stderr
