@@ -32,6 +32,7 @@ from moejax.layers import ffn as ffn_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import routers as routers_lib
 from moejax.layers import soft_moe as soft_moe_lib
+from moejax.routing.validation import OptionError
 
 ROUTERS = {
     "token_choice": routers_lib.TokenChoiceRouter,
@@ -93,12 +94,29 @@ MOVED = {
 
 
 class MoEConfigError(ValueError):
-  """An invalid MoE config; `lines` holds one line per bad field, each
-  'moe.<field>=<value>: <why>'."""
+  """An invalid MoE config, one entry per bad field.
 
-  def __init__(self, lines):
-    self.lines = list(lines)
+  errors: [(field, value, why)], field dotted from 'moe' ('moe.router.k').
+  lines: the same as 'moe.router.k=9: k must be ...'.
+  """
+
+  def __init__(self, errors):
+    self.errors = []
+    for e in errors:  # in order, each once
+      if tuple(e) not in self.errors:
+        self.errors.append(tuple(e))
     super().__init__("\n".join(self.lines))
+
+  @property
+  def lines(self):
+    return [f"{field}={value!r}: {why}" for field, value, why in self.errors]
+
+  def prefixed(self, old, new):
+    """The same errors with field prefix `old` replaced by `new` where the
+    field starts with it (a model names per-layer overrides so)."""
+    return MoEConfigError(
+        [(new + f[len(old):] if f == old or f.startswith(old + ".") else f,
+          v, w) for f, v, w in self.errors])
 
 
 def _as_dict(config):
@@ -110,74 +128,87 @@ def _as_dict(config):
 
 
 def resolve(name, registry, kind):
-  """The class for a registry `name` or a dotted path 'pkg.module.Class'."""
+  """The class for a registry `name` or a dotted path 'pkg.module.Class'.
+
+  Raises OptionError('name', name, ...) naming what is allowed.
+  """
   if not isinstance(name, str) or not name:
-    raise ValueError(f"{kind} name must be a string: one of "
-                     f"{sorted(registry)} or a dotted path to a class, got "
-                     f"{name!r}")
+    raise OptionError("name", name, f"{kind} name must be a string: one of "
+                      f"{sorted(registry)} or a dotted path to a class")
   if name in registry:
     return registry[name]
   if "." not in name:
     close = difflib.get_close_matches(name, list(registry), n=1)
     hint = f" (did you mean {close[0]!r}?)" if close else ""
-    raise ValueError(f"unknown {kind} {name!r}{hint}; allowed: "
-                     f"{sorted(registry)} or a dotted path 'pkg.module.Class'")
+    raise OptionError("name", name, f"unknown {kind} {name!r}{hint}; "
+                      f"allowed: {sorted(registry)} or a dotted path "
+                      f"'pkg.module.Class'")
   module_name, _, attr = name.rpartition(".")
   try:
     module = importlib.import_module(module_name)
   except ImportError as e:
-    raise ValueError(f"{kind} {name!r}: cannot import module "
-                     f"{module_name!r} ({e})") from None
+    raise OptionError("name", name, f"{kind} {name!r}: cannot import module "
+                      f"{module_name!r} ({e})") from None
   cls = getattr(module, attr, None)
   if cls is None:
-    raise ValueError(f"{kind} {name!r}: module {module_name!r} has no "
-                     f"{attr!r}")
+    raise OptionError("name", name, f"{kind} {name!r}: module "
+                      f"{module_name!r} has no {attr!r}")
   return cls
 
 
-def _check_options(cls, options, fixed, field):
-  """Raises for options `cls`'s constructor does not take."""
+def constructor_options(cls, fixed=("self",)):
+  """The keyword options `cls`'s constructor takes (minus `fixed`), or None
+  when it takes **kwargs (anything goes)."""
   # nnx.Module's metaclass hides the constructor behind (*args, **kwargs):
   # read __init__ itself (a dataclass's __init__ has its fields).
   params = dict(inspect.signature(cls.__init__).parameters)
-  params.pop("self", None)
   if any(p.kind == inspect.Parameter.VAR_KEYWORD for p in params.values()):
-    return
-  allowed = [n for n, p in params.items()
-             if n not in fixed and p.kind != inspect.Parameter.VAR_POSITIONAL]
-  unknown = sorted(set(options) - set(allowed))
-  if unknown:
-    raise ValueError(f"{cls.__name__} does not take {unknown}; its options: "
-                     f"{sorted(allowed)}")
+    return None
+  return sorted(n for n, p in params.items()
+                if n not in fixed and n != "self"
+                and p.kind != inspect.Parameter.VAR_POSITIONAL)
+
+
+def _untaken_options(cls, options, fixed, field):
+  """[(field.option, value, why)] for options cls's constructor lacks."""
+  allowed = constructor_options(cls, fixed)
+  if allowed is None:
+    return []
+  return [(f"{field}.{name}", options[name],
+           f"{cls.__name__} does not take option {name!r}; its options: "
+           f"{allowed} (and 'name')")
+          for name in sorted(set(options) - set(allowed))]
 
 
 def _unknown_keys(config, allowed, prefix):
-  lines = []
+  """[(field, value, why)] for keys of `config` outside `allowed`."""
+  errors = []
   for key in sorted(set(config) - set(allowed)):
     if prefix == "moe." and key in MOVED:
-      lines.append(f"moe.{key}={config[key]!r}: moved to {MOVED[key]}")
+      errors.append((f"moe.{key}", config[key], f"moved to {MOVED[key]}"))
     else:
       close = difflib.get_close_matches(key, list(allowed), n=1)
       hint = f" (did you mean {prefix}{close[0]}?)" if close else ""
-      lines.append(f"{prefix}{key}={config[key]!r}: unknown field{hint}; "
-                   f"allowed: {sorted(allowed)}")
-  return lines
+      errors.append((f"{prefix}{key}", config[key],
+                     f"unknown field{hint}; allowed: {sorted(allowed)}"))
+  return errors
 
 
 def check_flat_form(config):
   """Raises MoEConfigError naming where each field of the old flat form
   moved (moe.router='deepseek' -> moe.router.name, moe.k -> moe.router.k,
   ...); returns None for a nested config."""
-  lines = []
+  errors = []
   for part in ("router", "engine"):
     if isinstance(config.get(part), str):
-      lines.append(f"moe.{part}={config[part]!r}: moved to moe.{part}.name "
-                   f"(moe.{part} is now a dict of the {part}'s options)")
+      errors.append((f"moe.{part}", config[part], f"moved to "
+                     f"moe.{part}.name (moe.{part} is now a dict of the "
+                     f"{part}'s options)"))
   allowed = set(MOE_KEYS) | set(SOFT_MOE_KEYS)
-  lines += [line for line in _unknown_keys(config, allowed, "moe.")
-            if "moved to" in line]
-  if lines:
-    raise MoEConfigError(lines)
+  errors += [e for e in _unknown_keys(config, allowed, "moe.")
+             if e[2].startswith("moved to")]
+  if errors:
+    raise MoEConfigError(errors)
 
 
 def config_for_layer(config, index):
@@ -208,8 +239,9 @@ def check_layer_overrides(config, num_layers, moe_layers):
     except (TypeError, ValueError):
       index = None
     if index not in moe_layers:
-      lines.append(f"moe.layers.{key}: not an MoE layer; the MoE layers of "
-                   f"this {num_layers}-layer model are {list(moe_layers)}")
+      lines.append((f"moe.layers.{key}", config["layers"][key],
+                    f"not an MoE layer; the MoE layers of this "
+                    f"{num_layers}-layer model are {list(moe_layers)}"))
   if lines:
     raise MoEConfigError(lines)
 
@@ -236,71 +268,79 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   Returns:
     MoELayer or SoftMoELayer.
   Raises:
-    MoEConfigError: one line per invalid field ('moe.router.k=9: ...').
+    MoEConfigError: one entry per invalid field ('moe.router.k=9: ...').
   """
   config = _as_dict(config)
   if config is None:
-    raise MoEConfigError(["moe=None: an MoE config dict is needed"])
+    raise MoEConfigError([("moe", None, "an MoE config dict is needed")])
   config.pop("layers", None)
   check_flat_form(config)
   layer_kind = config.get("layer", "moe")
   if layer_kind not in LAYERS:
-    raise MoEConfigError([f"moe.layer={layer_kind!r}: allowed: "
-                          f"{list(LAYERS)}"])
-  lines = _unknown_keys(config, MOE_KEYS if layer_kind == "moe"
-                        else SOFT_MOE_KEYS, "moe.")
+    raise MoEConfigError([("moe.layer", layer_kind,
+                           f"allowed: {list(LAYERS)}")])
+  errors = _unknown_keys(config, MOE_KEYS if layer_kind == "moe"
+                         else SOFT_MOE_KEYS, "moe.")
   experts_cfg = dict(expert_defaults or {})
   experts_cfg.update(_as_dict(config.get("experts")) or {})
-  lines += _unknown_keys(experts_cfg, EXPERTS_KEYS, "moe.experts.")
+  errors += _unknown_keys(experts_cfg, EXPERTS_KEYS, "moe.experts.")
   if "num_experts" not in experts_cfg:
-    lines.append("moe.experts.num_experts: missing; the number of experts "
-                 "E is needed")
-  if lines:
-    raise MoEConfigError(lines)
+    errors.append(("moe.experts.num_experts", None,
+                   "missing; the number of experts E is needed"))
+  if errors:
+    raise MoEConfigError(errors)
   kw = dict(dtype=dtype, param_dtype=param_dtype)
   e = experts_cfg["num_experts"]
   allow_non_causal = bool(config.get("allow_non_causal", False))
 
-  if layer_kind == "soft_moe":
-    try:
-      return soft_moe_lib.SoftMoELayer(
-          model_dim, experts_cfg.get("hidden_dim"), e,
-          slots_per_expert=config.get("slots_per_expert", 1),
-          group_size=config.get("group_size"),
-          activation=experts_cfg.get("activation", "relu"), causal=causal,
-          allow_non_causal=allow_non_causal, rngs=rngs, **kw)
-    except (ValueError, TypeError) as err:
-      raise MoEConfigError([f"moe (soft_moe): {err}"]) from None
-
-  def part(field, fn):
+  def part(field, value, fn, option_fields=None):
+    """fn(), collecting its errors: an OptionError names its field
+    (`option_fields` maps an option to a field other than field.option),
+    any other ValueError is charged to `field` and `value`."""
     try:
       return fn()
     except MoEConfigError as err:
-      lines.extend(err.lines)
+      errors.extend(err.errors)
+    except OptionError as err:
+      where = (option_fields or {}).get(err.option,
+                                        f"{field}.{err.option}")
+      errors.append((where, err.value, str(err)))
     except (ValueError, TypeError) as err:
-      lines.append(f"moe.{field}: {err}" if field else f"moe: {err}")
+      errors.append((field, value, str(err)))
     return None
+
+  if layer_kind == "soft_moe":
+    layer = part("moe", config, lambda: soft_moe_lib.SoftMoELayer(
+        model_dim, experts_cfg.get("hidden_dim"), e,
+        slots_per_expert=config.get("slots_per_expert", 1),
+        group_size=config.get("group_size"),
+        activation=experts_cfg.get("activation", "relu"), causal=causal,
+        allow_non_causal=allow_non_causal, rngs=rngs, **kw),
+                 {o: f"moe.experts.{o}" for o in EXPERTS_KEYS})
+    if errors:
+      raise MoEConfigError(errors)
+    return layer
 
   router_cfg = _as_dict(config.get("router")) or {"name": "token_choice"}
   engine_cfg = _as_dict(config.get("engine")) or {"name": "indices"}
 
-  def make_router():
-    opts = dict(router_cfg)
-    cls = resolve(opts.pop("name", "token_choice"), ROUTERS, "router")
-    _check_options(cls, opts, ("model_dim", "num_experts", "rngs", "self"),
-                   "router")
-    return cls(model_dim=model_dim, num_experts=e, rngs=rngs, **opts)
+  def make_part(field, cfg, registry, default, fixed, **fixed_kw):
+    opts = dict(cfg)
+    cls = resolve(opts.pop("name", default), registry, field.split(".")[-1])
+    untaken = _untaken_options(cls, opts, fixed, field)
+    if untaken:
+      raise MoEConfigError(untaken)
+    return cls(**fixed_kw, **opts)
 
-  def make_engine():
-    opts = dict(engine_cfg)
-    cls = resolve(opts.pop("name", "indices"), ENGINES, "engine")
-    _check_options(cls, opts, ("self",), "engine")
-    return cls(**opts)
-
-  def make_experts():
-    return experts_lib.Experts(
-        e, model_dim, experts_cfg.get("hidden_dim"),
-        activation=experts_cfg.get("activation", "relu"), rngs=rngs, **kw)
+  router = part("moe.router", router_cfg, lambda: make_part(
+      "moe.router", router_cfg, ROUTERS, "token_choice",
+      ("model_dim", "num_experts", "rngs"), model_dim=model_dim,
+      num_experts=e, rngs=rngs))
+  engine = part("moe.engine", engine_cfg, lambda: make_part(
+      "moe.engine", engine_cfg, ENGINES, "indices", ()))
+  experts = part("moe.experts", experts_cfg, lambda: experts_lib.Experts(
+      e, model_dim, experts_cfg.get("hidden_dim"),
+      activation=experts_cfg.get("activation", "relu"), rngs=rngs, **kw))
 
   def make_shared():
     shared = _as_dict(config.get("shared"))
@@ -309,8 +349,9 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     bad = _unknown_keys(shared, SHARED_KEYS, "moe.shared.")
     if bad:
       raise MoEConfigError(bad)
+    routers_lib.check_int("num_experts", shared["num_experts"], 0)
     width = shared.get("hidden_dim") or experts_cfg.get("hidden_dim")
-    routers_lib.check_int("shared.num_experts", shared["num_experts"], 0)
+    routers_lib.check_int("hidden_dim", width, 1)
     return ffn_lib.DenseFFN(model_dim, shared["num_experts"] * width,
                             activation=experts_cfg.get("activation", "relu"),
                             rngs=rngs, **kw)
@@ -326,28 +367,36 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
         model_dim, residual["hidden_dim"], mix=residual.get("mix", "sum"),
         activation=experts_cfg.get("activation", "relu"), rngs=rngs, **kw)
 
-  router = part("router", make_router)
-  engine = part("engine", make_engine)
-  experts = part("experts", make_experts)
-  shared = part("shared", make_shared)
-  residual = part("residual", make_residual)
-  if lines:
-    raise MoEConfigError(lines)
+  # The dense branches use the experts' activation.
+  same_act = {"activation": "moe.experts.activation"}
+  shared = part("moe.shared", config.get("shared"), make_shared, same_act)
+  residual = part("moe.residual", config.get("residual"), make_residual,
+                  same_act)
+  if router is not None and engine is not None:
+    check = getattr(engine, "check_router", None)
+    if check is not None:
+      part("moe.engine.name", engine_cfg.get("name", "indices"),
+           lambda: check(router))
+  if errors:
+    raise MoEConfigError(errors)
   layer_kw = {k: config[k] for k in (
       "capacity_factor", "eval_capacity_factor", "capacity", "min_capacity",
       "capacity_multiple_of", "group_size", "pad_groups") if k in config}
-  layer = part("", lambda: moe_lib.MoELayer(
+  layer = part("moe", config, lambda: moe_lib.MoELayer(
       router=router, experts=experts, engine=engine, shared=shared,
       residual=residual, expert_parallel=expert_parallel, **layer_kw))
-  if lines:
-    raise MoEConfigError(lines)
+  if errors:
+    raise MoEConfigError(errors)
   if causal and not layer.causal and not allow_non_causal:
-    raise MoEConfigError([
-        f"moe.router={router_cfg!r}: {type(router).__name__} reads later "
-        f"tokens of its group, so in a causal model a token would see the "
-        f"future; allowed: a causal router (token choice without "
-        f"batch_prioritized, hash, deepseek, noisy_top_k, cosine), or "
-        f"moe.allow_non_causal=True to accept the leak knowingly"])
+    field = ("moe.router.batch_prioritized"
+             if router_cfg.get("batch_prioritized") else "moe.router.name")
+    value = router_cfg.get(field.rsplit(".", 1)[-1], "token_choice")
+    raise MoEConfigError([(field, value, (
+        f"{type(router).__name__} reads later tokens of its group, so in a "
+        f"causal model a token would see the future; allowed: a causal "
+        f"router (token choice without batch_prioritized, hash, deepseek, "
+        f"noisy_top_k, cosine), or moe.allow_non_causal=True to accept the "
+        f"leak knowingly"))])
   return layer
 
 

@@ -29,6 +29,8 @@ from typing import Any, Callable, Union
 from moejax.layers import dispatch as dispatch_lib
 from moejax.ops import ffn as ffn_lib
 from moejax.ops import gmm as gmm_lib
+from moejax.routing.validation import OptionError
+from moejax.routing.validation import check_int
 
 GMM_IMPLS = {"scan": gmm_lib.gmm, "ragged_dot": gmm_lib.ragged_dot_gmm}
 
@@ -120,12 +122,10 @@ class DroplessEngine(Engine):
   uses_capacity = False
 
   def __post_init__(self):
-    if isinstance(self.tile, bool) or not isinstance(self.tile, int) or (
-        self.tile < 1):
-      raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
+    check_int("tile", self.tile, 1)
     if not callable(self.gmm) and self.gmm not in GMM_IMPLS:
-      raise ValueError(f"unknown gmm {self.gmm!r}; allowed: "
-                       f"{sorted(GMM_IMPLS)} or a gmm callable")
+      raise OptionError("gmm", self.gmm, f"unknown gmm {self.gmm!r}; allowed: "
+                        f"{sorted(GMM_IMPLS)} or a gmm callable")
 
   def check_router(self, router):
     _token_view_check(self, router)
@@ -160,14 +160,13 @@ class PallasEngine(DroplessEngine):
   def __post_init__(self):
     from moejax import pallas  # kernels; imported only when used
     if self.backend not in pallas.BACKENDS:
-      raise ValueError(f"unknown pallas backend {self.backend!r}; allowed: "
-                       f"{list(pallas.BACKENDS)}")
+      raise OptionError("backend", self.backend, f"unknown pallas backend "
+                        f"{self.backend!r}; allowed: {list(pallas.BACKENDS)}")
     if self.gmm != "pallas":
-      raise ValueError("PallasEngine always uses the Pallas grouped matmul; "
-                       "use DroplessEngine(gmm=...) for another")
-    if isinstance(self.tile, bool) or not isinstance(self.tile, int) or (
-        self.tile < 1):
-      raise ValueError(f"tile must be an integer >= 1, got {self.tile!r}")
+      raise OptionError("gmm", self.gmm, "PallasEngine always uses the "
+                        "Pallas grouped matmul; use DroplessEngine(gmm=...) "
+                        "for another")
+    check_int("tile", self.tile, 1)
 
   def _backend(self):
     from moejax import pallas

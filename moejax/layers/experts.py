@@ -11,6 +11,7 @@ import jax.numpy as jnp
 
 from moejax import notation as nt
 from moejax.layers import params as params_lib
+from moejax.routing.validation import OptionError
 from moejax.ops.ffn import activate  # pylint: disable=unused-import
 from moejax.ops.ffn import expert_ffn
 
@@ -28,7 +29,8 @@ class Experts(nnx.Module):
     for name, value in (("num_experts", num_experts), ("model_dim", model_dim),
                         ("hidden_dim", hidden_dim)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise OptionError(name, value,
+                          f"{name} must be an integer >= 1, got {value!r}")
     params_lib.check_activation(activation)
     self.num_experts = num_experts
     self.model_dim = model_dim

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 from moejax import notation as nt
 from moejax.layers import experts as experts_lib
 from moejax.layers import params as params_lib
+from moejax.routing.validation import OptionError
 
 
 class DenseFFN(nnx.Module):
@@ -16,7 +17,8 @@ class DenseFFN(nnx.Module):
     params_lib.check_activation(activation)
     for name, value in (("model_dim", model_dim), ("hidden_dim", hidden_dim)):
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        raise OptionError(name, value,
+                          f"{name} must be an integer >= 1, got {value!r}")
     self.activation = activation
     self.dtype = dtype
     init = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal")

@@ -23,6 +23,7 @@ from moejax.layers import ffn as ffn_lib
 from moejax.layers import params as params_lib
 from moejax.layers.routers import check_int
 from moejax.layers.routers import check_number
+from moejax.routing.validation import OptionError
 from moejax.ops.ffn import ExpertWeights
 
 # Losses every MoELayer reports (the router adds its own).
@@ -103,8 +104,8 @@ class ResidualBranch(nnx.Module):
   def __init__(self, model_dim, hidden_dim, *, mix="sum", activation="relu",
                dtype=jnp.float32, param_dtype=jnp.float32, rngs):
     if mix not in RESIDUAL_MIXES:
-      raise ValueError(f"unknown residual mix {mix!r}; allowed: "
-                       f"{list(RESIDUAL_MIXES)}")
+      raise OptionError("mix", mix, f"unknown residual mix {mix!r}; "
+                        f"allowed: {list(RESIDUAL_MIXES)}")
     self.mix = mix
     self.dtype = dtype
     self.ffn = ffn_lib.DenseFFN(model_dim, hidden_dim, activation=activation,

@@ -10,6 +10,7 @@ import jax.numpy as jnp
 
 from moejax.ops.ffn import ACTIVATIONS
 from moejax.ops.ffn import GATED_ACTIVATIONS
+from moejax.routing.validation import OptionError
 
 
 def param(rngs, initializer, shape, names, dtype=jnp.float32):
@@ -22,5 +23,5 @@ def param(rngs, initializer, shape, names, dtype=jnp.float32):
 
 def check_activation(activation):
   if activation not in ACTIVATIONS:
-    raise ValueError(f"unknown activation {activation!r}; allowed: "
-                     f"{list(ACTIVATIONS)}")
+    raise OptionError("activation", activation, f"unknown activation "
+                      f"{activation!r}; allowed: {list(ACTIVATIONS)}")

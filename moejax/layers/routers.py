@@ -72,17 +72,18 @@ class RouterBias(nnx.Variable):
   trained by gradients; `DeepSeekRouter.update` moves it from the load."""
 
 
-def check_int(name, value, minimum):
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+check_int = validation.check_int
+OptionError = validation.OptionError
 
 
 def check_number(name, value, minimum, *, open_low=False):
+  """Raises OptionError unless value is a real number > (or >=) minimum."""
   ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
         and (value > minimum if open_low else value >= minimum))
   if not ok:
     op = ">" if open_low else ">="
-    raise ValueError(f"{name} must be a number {op} {minimum}, got {value!r}")
+    raise OptionError(name, value, f"{name} must be a number {op} "
+                      f"{minimum}, got {value!r}")
 
 
 def router_weight(rngs, model_dim, num_experts):
@@ -381,8 +382,9 @@ class DeepSeekRouter(Router):
                                    topk_groups)
     available = topk_groups * (num_experts // num_expert_groups)
     if k > available:
-      raise ValueError(f"k={k} is more than the experts of the kept groups "
-                       f"(topk_groups * E / num_expert_groups = {available})")
+      raise OptionError("k", k, f"k={k} is more than the experts of the kept "
+                        f"groups (topk_groups * E / num_expert_groups = "
+                        f"{available})")
     check_number("routed_scaling_factor", routed_scaling_factor, 0,
                  open_low=True)
     check_number("bias_update_rate", bias_update_rate, 0)

@@ -79,10 +79,29 @@ def build_ffn(index, *, is_moe, model_dim, mlp_dim, activation, moe, causal,
   kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
   if not is_moe:
     return ffn_lib.DenseFFN(model_dim, mlp_dim, activation=activation, **kw)
-  return build_lib.build_moe(
-      build_lib.config_for_layer(moe, index), model_dim=model_dim,
-      causal=causal, expert_defaults={"hidden_dim": mlp_dim,
-                                      "activation": activation}, **kw)
+  try:
+    return build_lib.build_moe(
+        build_lib.config_for_layer(moe, index), model_dim=model_dim,
+        causal=causal, expert_defaults={"hidden_dim": mlp_dim,
+                                        "activation": activation}, **kw)
+  except build_lib.MoEConfigError as err:
+    raise _name_overrides(err, moe, index) from None
+
+
+def _name_overrides(err, moe, index):
+  """err with each field that block `index`'s override sets renamed to
+  moe.layers.<index>.<field>, where the bad value was written."""
+  override = {}
+  for key, value in (moe.get("layers") or {}).items():
+    if str(key) == str(index):
+      override = value.to_dict() if hasattr(value, "to_dict") else value
+  for field, _, _ in err.errors:
+    node = override
+    for part in field.split(".")[1:]:
+      node = node.get(part) if isinstance(node, dict) else None
+    if node is not None:
+      err = err.prefixed(field, f"moe.layers.{index}{field[len('moe'):]}")
+  return err
 
 
 def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,

@@ -20,21 +20,21 @@ from moejax.routing.token_choice import GATINGS
 from moejax.routing.token_choice import token_choice
 
 
-def _check_int(name, value, minimum):
-  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-    raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+_check_int = validation.check_int
 
 
 def _check_group_args(num_experts, num_expert_groups, topk_groups):
   _check_int("num_expert_groups", num_expert_groups, 1)
   if num_experts % num_expert_groups:
-    raise ValueError(f"num_experts ({num_experts}) must be divisible by "
-                     f"num_expert_groups, got num_expert_groups="
-                     f"{num_expert_groups}")
+    raise validation.OptionError(
+        "num_expert_groups", num_expert_groups,
+        f"num_experts ({num_experts}) must be divisible by "
+        f"num_expert_groups, got num_expert_groups={num_expert_groups}")
   _check_int("topk_groups", topk_groups, 1)
   if topk_groups > num_expert_groups:
-    raise ValueError(f"topk_groups must be <= num_expert_groups "
-                     f"({num_expert_groups}), got {topk_groups}")
+    raise validation.OptionError(
+        "topk_groups", topk_groups, f"topk_groups must be <= "
+        f"num_expert_groups ({num_expert_groups}), got {topk_groups}")
 
 
 def group_limited_scores(scores_GSE, *, num_expert_groups, topk_groups):

@@ -3,6 +3,23 @@
 import jax.numpy as jnp
 
 
+class OptionError(ValueError):
+  """A bad option value: a ValueError that also names the option and its
+  value, so a config builder can point at the field (moe.router.k=9)."""
+
+  def __init__(self, option, value, message):
+    super().__init__(message)
+    self.option = option
+    self.value = value
+
+
+def check_int(name, value, minimum):
+  """Raises OptionError unless value is an int >= minimum (bools are not)."""
+  if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+    raise OptionError(name, value, f"{name} must be an integer >= {minimum}, "
+                      f"got {value!r}")
+
+
 def check_logits(logits_GSE, name="logits_GSE"):
   if getattr(logits_GSE, "ndim", None) != 3:
     raise ValueError(f"{name} must have rank 3 [G, S, E], got shape "
@@ -14,8 +31,8 @@ def check_logits(logits_GSE, name="logits_GSE"):
 
 def check_k(k, num_experts):
   if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= num_experts:
-    raise ValueError(f"k must be an integer with 1 <= k <= num_experts "
-                     f"({num_experts}), got {k!r}")
+    raise OptionError("k", k, f"k must be an integer with 1 <= k <= "
+                      f"num_experts ({num_experts}), got {k!r}")
 
 
 def check_capacity(capacity, allow_none=False):
@@ -23,7 +40,8 @@ def check_capacity(capacity, allow_none=False):
     return
   if isinstance(capacity, bool) or not isinstance(capacity, int) or capacity < 1:
     allowed = "an integer >= 1" + (" or None (dropless)" if allow_none else "")
-    raise ValueError(f"capacity must be {allowed}, got {capacity!r}")
+    raise OptionError("capacity", capacity,
+                      f"capacity must be {allowed}, got {capacity!r}")
 
 
 def check_padding_mask(padding_mask_GS, group_shape):
@@ -38,4 +56,5 @@ def check_padding_mask(padding_mask_GS, group_shape):
 
 def check_choice(name, value, allowed):
   if value not in allowed:
-    raise ValueError(f"unknown {name} {value!r}; allowed: {sorted(allowed)}")
+    raise OptionError(name, value, f"unknown {name} {value!r}; allowed: "
+                      f"{sorted(allowed)}")

@@ -17,8 +17,6 @@ the rules to drift.
 changes the model or the data it was trained on (see RESUME_LOCKED).
 """
 
-import copy
-import inspect
 import math
 import numbers
 import re
@@ -311,8 +309,6 @@ def _check_data(c, p):
 # MoE layers are still checked.
 BUILD_WITHOUT = ("dtype", "param_dtype", "activation", "head_dim", "pool",
                  "norm")
-_PARTS = ("router", "engine", "experts", "shared", "residual")
-_REGISTRIES = {"router": build_lib.ROUTERS, "engine": build_lib.ENGINES}
 
 
 def _moe_dict(c):
@@ -330,8 +326,7 @@ def _check_flat_form(c, p):
   try:
     build_lib.check_flat_form(moe)
   except build_lib.MoEConfigError as e:
-    for line in e.lines:
-      _add_moe_line(p, line, moe)
+    _add_moe_errors(p, e)
     return True
   return False
 
@@ -354,8 +349,7 @@ def build_abstract_model(c, p):
   try:
     return nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
   except build_lib.MoEConfigError as e:
-    for line in e.lines:
-      _add_moe_line(p, line, kwargs.get("moe") or {})
+    _add_moe_errors(p, e)
   except (ValueError, TypeError) as e:
     if not model_problems:  # else most likely the problem already listed
       _add_model_line(p, str(e), c)
@@ -391,166 +385,20 @@ def _first_named(msg, candidates):
 
 
 def _lookup(tree, dotted):
+  """tree['a']['b'] for 'a.b', or None where a part is missing."""
   node = tree
-  for part in dotted.split(".") if dotted else ():
+  for part in dotted.split("."):
     if not isinstance(node, dict) or part not in node:
       return None
     node = node[part]
   return node
 
 
-def _option_message(part, moe, msg):
-  """Python's 'X() got an unexpected keyword argument' for a router or
-  engine option, as '<Class> does not take <option>; allowed: [...]'."""
-  m = re.search(r"unexpected keyword argument '(\w+)'", msg)
-  if m is None or part not in _REGISTRIES:
-    return msg
-  try:
-    cls = build_lib.resolve(_lookup(moe, f"{part}.name"), _REGISTRIES[part],
-                            part)
-  except ValueError:
-    return msg
-  options = sorted(n for n, q in inspect.signature(cls.__init__).parameters
-                   .items() if n not in ("self", "model_dim", "num_experts",
-                                         "rngs")
-                   and q.kind not in (q.VAR_POSITIONAL, q.VAR_KEYWORD))
-  return (f"{cls.__name__} does not take option {m.group(1)!r}; its "
-          f"options: {options} (and 'name')")
-
-
-def _merged_view(moe):
-  """moe with every per-layer override merged in (the fields any layer has;
-  for finding which field a message names)."""
-  def merge(base, override):
-    for key, value in override.items():
-      if isinstance(value, dict) and isinstance(base.get(key), dict):
-        merge(base[key], value)
-      else:
-        base[key] = copy.deepcopy(value)
-  view = copy.deepcopy({k: v for k, v in moe.items() if k != "layers"})
-  for override in (moe.get("layers") or {}).values():
-    if isinstance(override, dict):
-      merge(view, override)
-  return view
-
-
-def _where(moe, field, msg):
-  """(field, value) of an MoE field: the base config's, or a per-layer
-  override's (moe.layers.<i>.<...>) when only it has the field, or when msg
-  quotes its value and not the base one."""
-  if field == "moe":
-    return field, moe
-  rel = field[len("moe."):]
-  base = _lookup(moe, rel)
-  overrides = [(f"moe.layers.{i}.{rel}", _lookup(o, rel))
-               for i, o in (moe.get("layers") or {}).items()
-               if isinstance(o, dict) and _lookup(o, rel) is not None]
-  quoted = lambda v: v is not None and repr(v) in msg
-  for where, value in overrides:
-    if quoted(value) and not quoted(base):
-      return where, value
-  if base is None and overrides:
-    return overrides[0]
-  return field, base
-
-
-def _moe_field(path, msg, moe):
-  """The config field (dotted, from 'moe') an MoEConfigError line
-  '<path>: <msg>' is about: a key of <path>'s dict that msg names (the
-  router's `name` when msg quotes it), else a key of another part, else the
-  part whose router/engine class msg names, else <path> itself."""
-  moe = _merged_view(moe)
-  rel = path[len("moe."):] if path.startswith("moe.") else ""
-  if rel.startswith("layers.") or not isinstance(_lookup(moe, rel), dict):
-    return path
-  def leaves(prefix):
-    node = _lookup(moe, prefix)
-    if not isinstance(node, dict):
-      return {}
-    return {".".join(filter(None, ("moe", prefix, k))): v
-            for k, v in node.items() if not isinstance(v, dict)}
-  own = leaves(rel)
-  name = own.get(f"{path}.name")
-  if isinstance(name, str) and repr(name) in msg:
-    return f"{path}.name"
-  field = _first_named(msg, own)
-  if field:
-    return field
-  others = {}
-  for part in ("", *_PARTS):
-    if part != rel:
-      others.update(leaves(part))
-  field = _first_named(msg, others)
-  if field:
-    return field
-  found = None
-  for part, registry in _REGISTRIES.items():
-    try:
-      cls = build_lib.resolve(_lookup(moe, f"{part}.name") or "", registry,
-                              part)
-    except ValueError:
-      continue
-    at = msg.find(cls.__name__)
-    if at >= 0 and (found is None or at < found[0]):
-      found = (at, f"moe.{part}.name")
-  return found[1] if found else path
-
-
-def _split_value(text):
-  """'<python repr>: <why>' -> (repr, why), splitting at the first ': '
-  outside quotes and brackets."""
-  depth, quote, i = 0, None, 0
-  while i < len(text) - 1:
-    ch = text[i]
-    if quote:
-      if ch == "\\":
-        i += 1
-      elif ch == quote:
-        quote = None
-    elif ch in "'\"":
-      quote = ch
-    elif ch in "([{":
-      depth += 1
-    elif ch in ")]}":
-      depth -= 1
-    elif depth == 0 and text.startswith(": ", i):
-      return text[:i], text[i + 2:]
-    i += 1
-  return text, ""
-
-
-def _add_moe_line(p, line, moe):
-  """An MoEConfigError line ('moe.router: k must be ...', 'moe.k=2: moved
-  to moe.router.k') as 'config.moe.<field>=<value>: <why>', one per field."""
-  m = re.match(r"^(moe(?:\.[\w.]+)?)(?: \(soft_moe\))?(=|: )", line)
-  if m is None:
-    p.line("moe", f"config.moe: {line}")
-    return
-  path, sep = m.group(1), m.group(2)
-  rest = line[m.end():]
-  if sep == "=":  # 'moe.<field>=<value>: <why>'
-    value_text, msg = _split_value(rest)
-    if isinstance(_lookup(_merged_view(moe), path[len("moe."):]), dict):
-      field = _moe_field(path, msg, moe)  # a whole part: name the option
-      if field != path:
-        field, value = _where(moe, field, msg)
-        p.line(field, f"config.{field}={value!r}: {msg}")
-        return
-    p.line(path, f"config.{path}={value_text}: {msg}")
-    return
-  part = path.split(".")[1] if "." in path else ""
-  unknown = re.match(r"^(\w+) does not take \[(.*?)\]; its options: (.*)$",
-                     rest)
-  if unknown and part in _REGISTRIES:  # one line per option not taken
-    cls, names, options = unknown.groups()
-    for name in re.findall(r"'(\w+)'", names):
-      field, value = _where(moe, f"{path}.{name}", "")
-      p.line(field, f"config.{field}={value!r}: {cls} does not take option "
-             f"{name!r}; its options: {options} (and 'name')")
-    return
-  msg = _option_message(part, moe, rest)
-  field, value = _where(moe, _moe_field(path, msg, moe), msg)
-  p.line(field, f"config.{field}={value!r}: {msg}")
+def _add_moe_errors(p, err):
+  """An MoEConfigError's entries as config lines: the layers name each bad
+  field themselves (moe.router.k, moe.layers.2.router.k, ...)."""
+  for field, value, why in err.errors:
+    p.line(field, f"config.{field}={value!r}: {why}")
 
 
 def _check_mesh(c, p, num_devices, process_count):

@@ -202,7 +202,8 @@ def test_moe_kwargs_are_validated():
                      r"unknown field \(did you mean moe.capacity_factor\?\)"):
     _abstract_lm(moe=_moe(capacity_facter=2.0))
   with pytest.raises(layers.MoEConfigError,
-                     match=r"TokenChoiceRouter does not take \['kk'\]"):
+                     match=r"moe.router.kk=2: TokenChoiceRouter does not "
+                     r"take option 'kk'"):
     _abstract_lm(moe=_moe(router={"name": "token_choice", "kk": 2}))
   # The old flat form names where each field moved.
   with pytest.raises(layers.MoEConfigError, match=r"moe.k=2: moved to "
