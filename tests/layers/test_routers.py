@@ -31,6 +31,8 @@ class SharpenedRouter(nnx.Module):
   class): top-k over x W scaled by a learned sharpness exp(s), Mixtral-style
   softmax over the k chosen logits."""
 
+  loss_names = ("sharpness",)
+
   def __init__(self, model_dim, num_experts, *, k=2, group_local=True, rngs):
     self.num_experts, self.k, self.causal = num_experts, k, True
     self.group_local = group_local
@@ -153,6 +155,38 @@ def test_plugin_router_by_dotted_path():
     L.build_moe({"router": {"name": PLUGIN_PATH, "gating": "softmax"},
                  "experts": {"num_experts": E, "hidden_dim": H}},
                 model_dim=M, rngs=nnx.Rngs(0))
+
+
+def test_plugin_router_by_dotted_path_in_a_training_run(tmp_path):
+  """The smoke LM trains with the user's router named in its config (and
+  its own loss weighted), through validation, the train step, checkpoints
+  and eval, on 8 devices with expert parallelism (data 2 x expert 4)."""
+  import json
+  import os
+  import sys
+  import ml_collections
+  from moejax.train import loop
+  repo = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
+  sys.path.insert(0, repo)
+  from experiments.configs import lm_stdlib  # pylint: disable=g-import-not-at-top
+  c = lm_stdlib.get_config("size=smoke")
+  c.moe.router = ml_collections.ConfigDict({"name": PLUGIN_PATH, "k": 2})
+  c.aux_loss_weights.sharpness = 1e-3
+  c.mesh.data, c.mesh.expert = 2, 4
+  c.expert_parallel = "shard_map"
+  c.data.data_dir = str(tmp_path / "data")
+  c.num_train_steps, c.checkpoint_every, c.eval_every = 4, 2, 4
+  workdir = str(tmp_path / "run")
+  loop.validate_config(c)
+  summary = loop.train_and_evaluate(c, workdir)
+  assert summary["step"] == 4 and np.isfinite(summary["eval_ce_loss"])
+  records = [json.loads(line) for line in open(os.path.join(
+      workdir, "metrics.jsonl"))]
+  train = [r for r in records if "train/aux/sharpness" in r]
+  assert len(train) == 4 and all(0 < r["train/aux/sharpness"] <= 1
+                                 for r in train)
+  saved = json.load(open(os.path.join(workdir, "config.json")))
+  assert saved["moe"]["router"]["name"] == PLUGIN_PATH
 
 
 # --- options that used to be overridden silently ---------------------------
