@@ -590,6 +590,20 @@ def check_resume_config(saved, config, where):
   diffs = config_differences(saved, config)
   if not diffs:
     return
+  saved_moe = (saved or {}).get("moe")
+  if isinstance(saved_moe, dict):
+    try:
+      build_lib.check_flat_form(saved_moe)
+    except build_lib.MoEConfigError:
+      raise ResumeConfigError(
+          f"refusing to resume from {where}: it was written by moejax before "
+          f"MoE layers were composed of router, engine and experts objects "
+          f"(its config.moe has the old flat form, moe.router="
+          f"{saved_moe.get('router')!r}), and its parameters sit at the old "
+          f"paths (blocks/<i>/ffn/w_router_ME, now blocks/<i>/ffn/router/"
+          f"w_router_ME). The checkpoint is left as it is: resume it with a "
+          f"moejax checkout from before the change (git commit 74e7736), or "
+          f"start a new --workdir.", diffs) from None
   lines = [f"  {field}: {old!r} (checkpoint) -> {new!r} (now)"
            for field, old, new in diffs]
   message = (

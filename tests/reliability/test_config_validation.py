@@ -428,3 +428,19 @@ def test_json_round_trip_compares_equal():
   c = lm()
   saved = json.loads(json.dumps(c.to_dict(), default=str))
   validation.check_resume_config(saved, c, "/w")
+
+
+def test_a_checkpoint_from_before_the_composed_layers_is_refused_clearly():
+  """A workdir written with the flat moe config (before issue 13) keeps its
+  checkpoints; resuming says why it cannot and what to do instead."""
+  saved = lm().to_dict()
+  saved["moe"] = dict(num_experts=4, k=2, router="token_choice",
+                      engine="indices", capacity_factor=1.25, hidden_dim=64)
+  with pytest.raises(train.ResumeConfigError) as info:
+    validation.check_resume_config(saved, lm(), "/w/checkpoints/6")
+  text = str(info.value)
+  assert text.startswith("refusing to resume from /w/checkpoints/6: it was "
+                         "written by moejax before MoE layers were composed")
+  assert "blocks/<i>/ffn/router/w_router_ME" in text
+  assert "74e7736" in text and "start a new --workdir" in text
+  assert info.value.differences  # the fields still listed for callers
