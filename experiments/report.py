@@ -54,8 +54,17 @@ _LOAD_RUNS = flags.DEFINE_string(
 _DPI = flags.DEFINE_integer("dpi", 80, "PNG resolution.", lower_bound=20)
 
 MOE_PREFIX = "train/moe/layer"
-# moe.engine.name values that route without capacity (nothing dropped).
-DROPLESS_ENGINES = ("dropless", "pallas")
+
+
+def _is_dropless(run):
+  """Whether the run's engine routes without capacity (nothing dropped):
+  the engine class's own `uses_capacity`, via the one registry."""
+  from moejax.layers import build  # pylint: disable=g-import-not-at-top
+  try:
+    return not build.resolve(run.engine, build.ENGINES,
+                             "engine").uses_capacity
+  except ValueError:
+    return False
 
 
 # ------------------------------------------------------------- loading
@@ -352,10 +361,10 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
   drawn = False
   for (label, members), color in zip(groups.items(), colors):
     capped = sorted(
-        [r for r in members if r.engine not in DROPLESS_ENGINES
+        [r for r in members if not _is_dropless(r)
          and r.moe("capacity_factor") is not None],
         key=lambda r: r.moe("capacity_factor"))
-    dropless = [r for r in members if r.engine in DROPLESS_ENGINES]
+    dropless = [r for r in members if _is_dropless(r)]
     if len({r.moe("capacity_factor") for r in capped}) < 2:
       continue
     drawn = True
