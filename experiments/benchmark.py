@@ -35,7 +35,6 @@ See BENCHMARKS.md for the targets and the recorded results.
 import dataclasses
 import inspect
 import json
-import math
 import os
 import platform
 import resource
@@ -49,7 +48,6 @@ from absl import flags
 from flax import nnx
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 
 from moejax import layers as L

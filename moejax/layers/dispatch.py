@@ -31,7 +31,6 @@ import jax.numpy as jnp
 
 from moejax.ops import ffn as ffn_lib
 from moejax.ops import gmm as gmm_lib
-from moejax.ops.ffn import ExpertWeights  # pylint: disable=unused-import
 from moejax.ops.gather import combine_rows
 from moejax.ops.gather import dropless_num_rows
 from moejax.ops.gather import gather_rows

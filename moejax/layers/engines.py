@@ -178,7 +178,6 @@ class PallasEngine(DroplessEngine):
 
   def __call__(self, plan, x_GSM, weights, activation):
     """As DroplessEngine, on the Pallas permute / gmm / unpermute kernels."""
-    from moejax import pallas
     be = self._backend()
     if be.kind == "xla":
       return dispatch_lib.dropless_engine(plan, x_GSM, weights, activation,

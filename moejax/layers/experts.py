@@ -12,7 +12,6 @@ import jax.numpy as jnp
 from moejax import notation as nt
 from moejax.layers import params as params_lib
 from moejax.routing.validation import OptionError
-from moejax.ops.ffn import activate  # pylint: disable=unused-import
 from moejax.ops.ffn import expert_ffn
 
 

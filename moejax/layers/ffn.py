@@ -4,7 +4,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from moejax import notation as nt
-from moejax.layers import experts as experts_lib
+from moejax.ops import ffn as ffn_ops
 from moejax.layers import params as params_lib
 from moejax.routing.validation import OptionError
 
@@ -37,5 +37,5 @@ class DenseFFN(nnx.Module):
     h = jnp.einsum("...M,MH->...H", x_XM, self.w_in_MH[...].astype(self.dtype))
     g = (None if self.w_gate_MH is None else jnp.einsum(
         "...M,MH->...H", x_XM, self.w_gate_MH[...].astype(self.dtype)))
-    h = experts_lib.activate(h, g, self.activation)
+    h = ffn_ops.activate(h, g, self.activation)
     return jnp.einsum("...H,HM->...M", h, self.w_out_HM[...].astype(self.dtype))

@@ -3,7 +3,6 @@
 from typing import Optional
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt

@@ -31,7 +31,6 @@ of the E devices with replica index j. Any other (E, X) raises ValueError.
 
 import dataclasses
 import functools
-import inspect
 from typing import Optional, Sequence, Tuple
 
 import jax
@@ -41,7 +40,6 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 from moejax.ops import ffn as ffn_lib
 from moejax.ops import gather as gather_lib
-from moejax.ops import gmm as gmm_lib
 from moejax.routing.token_choice import rank_within_expert
 from moejax.sharding import mesh as mesh_lib
 from moejax.sharding import ragged as ragged_lib
