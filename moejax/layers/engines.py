@@ -113,7 +113,7 @@ class DroplessEngine(Engine):
   Args:
     tile: rows per tile of the grouped layout.
     gmm: 'scan' (the XLA path: the whole FFN per row block,
-      moejax.layers.gmm.grouped_ffn), 'ragged_dot' (jax.lax.ragged_dot), or a
+      moejax.ops.gmm.grouped_ffn), 'ragged_dot' (jax.lax.ragged_dot), or a
       callable gmm(lhs_RM, rhs_EMH, group_sizes_E, *, tile).
   """
   tile: int = 128
