@@ -9,13 +9,24 @@ and written every step (JSONL, TensorBoard), checkpoints and evals every
 (VmRSS) and the number of live Python objects at a few steps and prints a
 table with the growth from --baseline_step (after compilation) to the last
 step, and the steady-state growth from the end of the second checkpoint and
-eval cycle (which load code and warm caches once) to the last step. With
---json it also writes the samples to that file. docs/reliability.md records
-a measurement; tests/reliability/test_memory_growth.py runs this (slow).
+eval cycle (which load code and warm caches once) to the last step.
+
+The steady-state rate is also a least-squares line through RSS samples
+taken every --fit_every steps from --fit_from on, with its standard error:
+RSS grows in steps of 1-5 MiB right after some checkpoint + eval cycles,
+so the difference of two samples 1,000 steps apart swings from 0 to 8 MiB
+between runs, while a fit over a few thousand steps varies much less (see
+docs/reliability.md). With --json it also writes the samples to that
+file. docs/reliability.md records a measurement;
+tests/reliability/test_memory_growth.py runs this (slow):
+
+  python -m experiments.memory_growth --steps=6000 --fit_from=2000 \
+      --fit_every=100 --workdir=/tmp/memgrowth
 """
 
 import gc
 import json
+import math
 import os
 import shutil
 import sys
@@ -33,6 +44,12 @@ _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Scratch workdir: must not exist, or be one this script "
     "made before (it is emptied then).", required=True)
 _JSON = flags.DEFINE_string("json", None, "Also write the samples here.")
+_FIT_EVERY = flags.DEFINE_integer(
+    "fit_every", 50, "From --fit_from on, sample every this many steps for "
+    "the least-squares growth rate.")
+_FIT_FROM = flags.DEFINE_integer(
+    "fit_from", None, "First step of the fit (default: 2 * --every, after "
+    "the first two checkpoint + eval cycles).")
 
 
 def rss_mib():
@@ -44,12 +61,39 @@ def rss_mib():
   raise RuntimeError("no VmRSS in /proc/self/status")
 
 
-def sample_steps(steps, every, baseline):
-  """The steps at which memory is sampled."""
+def sample_steps(steps, every, baseline, fit_every=50, fit_from=None):
+  """The steps at which memory is sampled: a few for the table, and every
+  `fit_every` steps from `fit_start` on for the fit."""
   points = {1, baseline, steps}
   points.update(range(every, steps + 1, every))
   points.update(range(baseline, steps + 1, max(1, (steps - baseline) // 8)))
+  points.update(range(fit_start(steps, every, fit_from), steps + 1,
+                      max(1, fit_every)))
   return sorted(p for p in points if 1 <= p <= steps)
+
+
+def fit_start(steps, every, fit_from=None):
+  """The first step of the fit: `fit_from`, by default after the first two
+  checkpoint + eval cycles, which load code and warm caches once (or
+  half-way, in a run too short for either)."""
+  start = 2 * every if fit_from is None else fit_from
+  return start if 1 <= start < steps else max(1, steps // 2)
+
+
+def least_squares(points):
+  """(slope, its standard error) of the line through (x, y) `points`; the
+  error is None with fewer than 3 points."""
+  n = len(points)
+  mean_x = sum(x for x, _ in points) / n
+  mean_y = sum(y for _, y in points) / n
+  sxx = sum((x - mean_x) ** 2 for x, _ in points)
+  if not sxx:
+    return 0.0, None
+  slope = sum((x - mean_x) * (y - mean_y) for x, y in points) / sxx
+  if n < 3:
+    return slope, None
+  residual = sum((y - mean_y - slope * (x - mean_x)) ** 2 for x, y in points)
+  return slope, math.sqrt(residual / (n - 2) / sxx)
 
 
 # Marks a workdir this script made, so that a rerun may empty it.
@@ -92,12 +136,13 @@ def make_config(steps, every):
   return c
 
 
-def measure(workdir, steps, every, baseline, stream=None):
+def measure(workdir, steps, every, baseline, stream=None, fit_every=50,
+            fit_from=None):
   """Runs the loop; returns {'samples': [{step, rss_mib, objects}], ...}."""
   from moejax import train  # pylint: disable=g-import-not-at-top
   check_args(steps, every, baseline)
   prepare_workdir(workdir)
-  wanted = set(sample_steps(steps, every, baseline))
+  wanted = set(sample_steps(steps, every, baseline, fit_every, fit_from))
   samples = []
 
   def on_log(step, metrics):
@@ -117,7 +162,16 @@ def measure(workdir, steps, every, baseline, stream=None):
   steady = next((s for s in samples if s["step"] > 2 * every), base)
   last = samples[-1]
   span = max(1, last["step"] - steady["step"])
+  first_fit = fit_start(steps, every, fit_from)
+  fitted = [(s["step"], s["rss_mib"]) for s in samples
+            if s["step"] >= first_fit]
+  slope, stderr = least_squares(fitted)
   return dict(samples=samples, seconds=round(time.time() - start, 1),
+              rss_at_step_1_mib=samples[0]["rss_mib"],
+              fit_from_step=first_fit, fit_samples=len(fitted),
+              fit_mib_per_1000_steps=round(1000 * slope, 2),
+              fit_stderr_mib_per_1000_steps=(
+                  None if stderr is None else round(1000 * stderr, 2)),
               baseline_step=base["step"], last_step=last["step"],
               rss_growth_mib=round(last["rss_mib"] - base["rss_mib"], 1),
               object_growth=last["objects"] - base["objects"],
@@ -143,6 +197,12 @@ def format_table(result):
       f" {result['steady_rss_growth_mib']:+.1f} MiB RSS "
       f"({result['steady_mib_per_1000_steps']:+.2f} MiB per 1000 steps), "
       f"{result['steady_object_growth']:+,} objects")
+  stderr = result["fit_stderr_mib_per_1000_steps"]
+  lines.append(
+      f"least-squares fit over {result['fit_samples']} samples from step "
+      f"{result['fit_from_step']}: {result['fit_mib_per_1000_steps']:+.2f} "
+      f"MiB per 1000 steps"
+      + ("" if stderr is None else f" (standard error {stderr:.2f})"))
   return "\n".join(lines)
 
 
@@ -154,7 +214,8 @@ def main(argv):
   except ValueError as e:
     raise app.UsageError(str(e)) from None
   result = measure(_WORKDIR.value, _STEPS.value, _EVERY.value,
-                   _BASELINE.value)
+                   _BASELINE.value, fit_every=_FIT_EVERY.value,
+                   fit_from=_FIT_FROM.value)
   print(format_table(result))
   if _JSON.value:
     with open(_JSON.value, "w") as f:

@@ -867,6 +867,8 @@ def main(argv):
       prepare_data(runs)
     except errors.ConfigError as e:
       sys.exit(f"sweep: bad grid: {e}")
+    except errors.DatasetError as e:  # a damaged dataset file: names it
+      sys.exit(f"sweep: {e}")
   try:
     status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
                        keep_going=_KEEP_GOING.value, log=log,

@@ -42,6 +42,8 @@ from moejax.data.digits import SKLEARN_DIGITS
 from moejax.data.digits import SklearnDigits
 from moejax.data.global_batch import batch_sharding
 from moejax.data.global_batch import make_global_batch
+from moejax.data.integrity import DatasetFileError
+from moejax.data.lm import check_dataset_files
 from moejax.data.lm import EMBEDDED_DATASETS
 from moejax.data.lm import EMBEDDED_TEXT_DATASETS
 from moejax.data.lm import make_lm_dataset
@@ -54,6 +56,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "EMBEDDED_IMAGE_DATASETS",
     "EMBEDDED_TEXT_DATASETS",
+    "DatasetFileError",
     "EOS_ID",
     "PackedWindowsIterDataset",
     "SKLEARN_DIGITS",
@@ -63,6 +66,7 @@ __all__ = [
     "StdlibBytesConfig",
     "VOCAB_SIZE",
     "batch_sharding",
+    "check_dataset_files",
     "default_data_dir",
     "list_corpus_files",
     "make_global_batch",

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import os
 import sys
 import sysconfig
@@ -44,6 +45,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax.data import common
+from moejax.data import integrity
 
 #: Byte values 0..255 are tokens 0..255.
 BYTE_VOCAB_SIZE = 256
@@ -316,13 +318,29 @@ def prepare_stdlib_bytes(
     validation_fraction: expected fraction of files in `validation`.
     rebuild: rebuild even if already built (e.g. after the source changed).
 
+  An existing build is verified first (`moejax.data.integrity`): the size
+  and SHA-256 of every file against `moejax_manifest.json`, which each build
+  writes; a build without one is read in full once, then recorded.
+
   Raises:
     ValueError: empty corpus, data_dir not writable when a build is needed,
       or an existing build whose file list differs from the source's now.
+    DatasetFileError (a ValueError): a file of the existing build is
+      missing, truncated or changed; names it and the rebuild command.
   """
   data_dir = common.resolve_data_dir(data_dir)
   config = stdlib_bytes_config(source_dir, max_files, validation_fraction)
   files = list_corpus_files(config.source_dir, config.max_files)
+  version_dir = os.path.join(data_dir, STDLIB_BYTES, config.name,
+                             str(StdlibBytes.VERSION))
+  if not rebuild and os.path.exists(
+      os.path.join(version_dir, "dataset_info.json")):
+    # Before TFDS reads the JSON files: they are checked too.
+    integrity.verify_files(version_dir, rebuild=rebuild_command(
+        data_dir, source_dir=source_dir, max_files=max_files,
+        validation_fraction=validation_fraction))
+  if rebuild:
+    integrity.remove_for_rebuild(version_dir, data_dir)
   builder = StdlibBytes(data_dir=data_dir, config=config,
                         file_format="array_record")
   if builder.is_prepared() and not rebuild:
@@ -342,4 +360,25 @@ def prepare_stdlib_bytes(
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           try_download_gcs=False, download_mode=mode))
+  integrity.write_manifest(os.fspath(builder.data_dir))
   return builder
+
+
+def rebuild_command(
+    data_dir: str,
+    *,
+    source_dir: str | os.PathLike[str] | None = None,
+    max_files: int | None = None,
+    validation_fraction: float = DEFAULT_VALIDATION_FRACTION,
+) -> str:
+  """The shell command that rebuilds this corpus in `data_dir`."""
+  args = [json.dumps(os.fspath(data_dir))]
+  if source_dir is not None:
+    args.append(f"source_dir={json.dumps(os.path.abspath(source_dir))}")
+  if max_files is not None:
+    args.append(f"max_files={int(max_files)}")
+  if validation_fraction != DEFAULT_VALIDATION_FRACTION:
+    args.append(f"validation_fraction={float(validation_fraction)!r}")
+  return integrity.python_command(
+      "from moejax import data; data.prepare_stdlib_bytes("
+      f"{', '.join(args)}, rebuild=True)")

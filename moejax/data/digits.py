@@ -16,6 +16,7 @@ exactly like `mnist` or `cifar10`.
 
 from __future__ import annotations
 
+import json
 import os
 
 from etils import epath
@@ -23,6 +24,7 @@ import numpy as np
 import tensorflow_datasets as tfds
 
 from moejax.data import common
+from moejax.data import integrity
 
 SKLEARN_DIGITS = "sklearn_digits"
 DIGITS_MAX_PIXEL_VALUE = 16
@@ -102,10 +104,22 @@ def prepare_sklearn_digits(
   Layout: `<data_dir>/sklearn_digits/1.0.0/`. Read it with
   `tfds.data_source('sklearn_digits', data_dir=...)`.
 
+  An existing build is verified first, as in
+  `corpus.prepare_stdlib_bytes` (`moejax.data.integrity`).
+
   Raises:
     ValueError: `data_dir` not writable when a build is needed.
+    DatasetFileError (a ValueError): a file of the existing build is
+      missing, truncated or changed; names it and the rebuild command.
   """
   data_dir = common.resolve_data_dir(data_dir)
+  version_dir = os.path.join(data_dir, SKLEARN_DIGITS,
+                             str(SklearnDigits.VERSION))
+  if not rebuild and os.path.exists(
+      os.path.join(version_dir, "dataset_info.json")):
+    integrity.verify_files(version_dir, rebuild=rebuild_command(data_dir))
+  if rebuild:
+    integrity.remove_for_rebuild(version_dir, data_dir)
   builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
   if builder.is_prepared() and not rebuild:
     return builder
@@ -117,4 +131,12 @@ def prepare_sklearn_digits(
   builder.download_and_prepare(
       download_config=tfds.download.DownloadConfig(
           try_download_gcs=False, download_mode=mode))
+  integrity.write_manifest(os.fspath(builder.data_dir))
   return builder
+
+
+def rebuild_command(data_dir: str) -> str:
+  """The shell command that rebuilds sklearn_digits in `data_dir`."""
+  return integrity.python_command(
+      "from moejax import data; data.prepare_sklearn_digits("
+      f"{json.dumps(os.fspath(data_dir))}, rebuild=True)")

@@ -36,9 +36,62 @@ import numpy as np
 from moejax.data import common
 from moejax.data import corpus
 from moejax.data import digits
+from moejax.data import integrity
 
 EMBEDDED_TEXT_DATASETS = (corpus.STDLIB_BYTES,)
 EMBEDDED_DATASETS = (corpus.STDLIB_BYTES, digits.SKLEARN_DIGITS)
+
+
+def check_dataset_files(
+    dataset: str,
+    *,
+    data_dir: str | os.PathLike[str] | None = None,
+    source_dir: str | os.PathLike[str] | None = None,
+    max_files: int | None = None,
+    validation_fraction: float | None = None,
+) -> integrity.DatasetFileError | None:
+  """Checks the built files of an embedded dataset now (after a read error).
+
+  The same check as opening it (`moejax.data.integrity.verify_files`), but
+  it returns what it finds instead of raising, and builds nothing.
+
+  Args:
+    dataset: a name of `EMBEDDED_DATASETS`.
+    data_dir, source_dir, max_files, validation_fraction: select the build,
+      as in `make_lm_dataset` (`validation_fraction` None: the default).
+  Returns:
+    The `DatasetFileError` naming the first bad file, or None when every
+    file matches (or the dataset is not built yet).
+  Raises:
+    ValueError: `dataset` is not an embedded dataset (TFDS records no
+      checksums of the files of other datasets).
+  """
+  data_dir = common.resolve_data_dir(data_dir)
+  if dataset == corpus.STDLIB_BYTES:
+    if validation_fraction is None:
+      validation_fraction = corpus.DEFAULT_VALIDATION_FRACTION
+    config = corpus.stdlib_bytes_config(source_dir, max_files,
+                                        validation_fraction)
+    version_dir = os.path.join(data_dir, dataset, config.name,
+                               str(corpus.StdlibBytes.VERSION))
+    rebuild = corpus.rebuild_command(
+        data_dir, source_dir=source_dir, max_files=max_files,
+        validation_fraction=validation_fraction)
+  elif dataset == digits.SKLEARN_DIGITS:
+    version_dir = os.path.join(data_dir, dataset,
+                               str(digits.SklearnDigits.VERSION))
+    rebuild = digits.rebuild_command(data_dir)
+  else:
+    raise ValueError(
+        f"dataset={dataset!r} is not built by moejax: its files have no "
+        f"manifest to check; embedded datasets: {list(EMBEDDED_DATASETS)}.")
+  if not os.path.exists(os.path.join(version_dir, "dataset_info.json")):
+    return None
+  try:
+    integrity.verify_files(version_dir, rebuild=rebuild)
+  except integrity.DatasetFileError as e:
+    return e
+  return None
 
 
 def _tokenize(example: dict[str, Any], text_key: str) -> np.ndarray:

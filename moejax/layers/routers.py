@@ -33,6 +33,7 @@ Optional hooks, each with the default `Router` gives:
 A forward call never changes a router's parameters or state.
 """
 
+import math
 from typing import Mapping, Optional
 
 import flax.struct
@@ -77,13 +78,16 @@ OptionError = validation.OptionError
 
 
 def check_number(name, value, minimum, *, open_low=False):
-  """Raises OptionError unless value is a real number > (or >=) minimum."""
+  """Raises OptionError unless value is a finite real number > (or >=)
+  minimum (inf would pass the construction and fail when traced, e.g. a
+  capacity of inf slots)."""
   ok = (isinstance(value, (int, float)) and not isinstance(value, bool)
+        and math.isfinite(value)
         and (value > minimum if open_low else value >= minimum))
   if not ok:
     op = ">" if open_low else ">="
     raise OptionError(name, value, f"{name} must be a number {op} "
-                      f"{minimum}, got {value!r}")
+                      f"{minimum} and finite, got {value!r}")
 
 
 def router_weight(rngs, model_dim, num_experts):

@@ -16,10 +16,12 @@ from moejax.train.checkpoint import save_config
 from moejax.train.errors import CheckpointRestoreError
 from moejax.train.errors import CheckpointSaveError
 from moejax.train.errors import ConfigError
+from moejax.train.errors import DatasetError
 from moejax.train.errors import ResumeConfigError
 from moejax.train.errors import TrainingDivergedError
 from moejax.train.errors import TrainingError
 from moejax.train.errors import TrainingPreempted
+from moejax.train.errors import WorkdirLockedError
 from moejax.train.errors import WorkdirWriteError
 from moejax.train.loop import format_summary
 from moejax.train.loop import make_datasets

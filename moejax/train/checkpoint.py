@@ -19,13 +19,19 @@ Every save also records in `meta` a fingerprint of each array of the state
 SHA-256 of the data iterator's state and a SHA-256 of `meta` itself.
 `restore` recomputes them and raises `CorruptCheckpointError` on any
 difference, so a truncated, bit-flipped or half-deleted checkpoint is never
-loaded silently. `restore_latest` tries the steps newest first, moves each
-unusable one aside to `<step>.corrupt` (with a warning naming the step and
-the reason) and returns the newest good one. A failed save raises
+loaded silently. A checkpoint is also bound to its step: the directory's
+step, the step `meta` records and the restored state's step must agree, so a
+copy of another step is corrupt too. `restore_latest` tries the steps newest
+first, moves each unusable one aside to `<step>.corrupt` (with a warning
+naming the step and the reason) and returns the newest good one; a step it
+cannot read (file permissions) may be intact, so it is reported as `cannot
+read <path>` and left where it is, never saved over or deleted. A failed
+save raises
 `CheckpointSaveError` naming the step, the reason and the newest complete
 checkpoint.
 """
 
+import errno
 import hashlib
 import json
 import os
@@ -50,6 +56,11 @@ CORRUPT_SUFFIX = ".corrupt"
 
 class CorruptCheckpointError(ValueError):
   """One checkpoint step failed to load or to verify."""
+
+
+class UnreadableCheckpointError(CorruptCheckpointError):
+  """One checkpoint step cannot be read (file permissions): it may be
+  intact, so it is skipped but never moved, overwritten or deleted."""
 
 
 # ------------------------------------------------------------- verification
@@ -168,8 +179,14 @@ class Checkpointer:
 
   def __init__(self, directory, *, max_to_keep=3, async_save=True):
     self.directory = os.path.abspath(directory)
+    # Steps restore_latest found unreadable: left in place, never saved over.
+    self._kept = set()
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep, create=True,
+        # max_to_keep, except that a step that cannot be read is never
+        # deleted (it may be intact; see _KeepLatestAndUnreadable).
+        preservation_policy=_KeepLatestAndUnreadable(
+            max_to_keep, self._kept, self.step_path),
+        create=True,
         enable_async_checkpointing=async_save,
         cleanup_tmp_directories=True,
         # Create the step's temporary directory in save() itself, so an
@@ -203,9 +220,16 @@ class Checkpointer:
     the files are written in the background). The data iterator's position
     is read now, so call this between steps.
 
+    Returns:
+      True; False when `step` was not saved because its directory exists
+      and could not be read at restore (restore_latest left it in place; it
+      may be intact, so it is not overwritten).
     Raises:
       CheckpointSaveError: this save, or the previous async one, failed.
     """
+    if int(step) in self._kept:
+      self.check()
+      return False
     self.wait()  # surfaces a failure of the previous save under its step
     tree = state_lib.to_checkpoint_tree(state)
     meta = dict(meta or {}, step=int(step), time=time.time(),
@@ -226,6 +250,7 @@ class Checkpointer:
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
     self._in_flight = int(step)
+    return True
 
   def wait(self):
     """Blocks until pending async saves are on disk.
@@ -258,7 +283,8 @@ class Checkpointer:
     """'the newest complete checkpoint is step N (path)', read from disk."""
     try:
       self.manager.reload()
-      steps = self.all_steps()
+      # (not a step that restore_latest could not read)
+      steps = [s for s in self.all_steps() if s not in self._kept]
     except Exception:  # pylint: disable=broad-except
       steps = []
     if not steps:
@@ -304,10 +330,17 @@ class Checkpointer:
     Returns:
       (TrainState, meta dict).
     Raises:
-      CorruptCheckpointError: an item is missing, does not load, or does
-        not match the fingerprints recorded when it was saved.
+      UnreadableCheckpointError (a CorruptCheckpointError): a directory or
+        file of the step cannot be read (permissions).
+      CorruptCheckpointError: an item is missing, does not load, does not
+        match the fingerprints recorded when it was saved, or holds another
+        step (the directory's step, meta's step and the state's step must
+        agree).
     """
     path = self.step_path(step)
+    denied = _first_unreadable(path)
+    if denied is not None:
+      raise _unreadable_error(*denied)
     wanted = (STATE, META) + ((DATA,) if data_iterator is not None else ())
     missing = [i for i in wanted if not os.path.isdir(os.path.join(path, i))]
     if missing:
@@ -323,9 +356,12 @@ class Checkpointer:
       restored = self.manager.restore(int(step),
                                       args=ocp.args.Composite(**items))
     except Exception as e:  # pylint: disable=broad-except
+      if _permission_denied(e):
+        raise _unreadable_error(path, e) from e
       raise CorruptCheckpointError(f"does not load: {describe_error(e)}") from e
     meta = dict(restored[META] or {})
     _verify(meta, restored[STATE])
+    _verify_step(step, meta, restored[STATE])
     if data_iterator is not None and "data_sha256" in meta:
       _verify_data_file(os.path.join(path, DATA), meta["data_sha256"])
     state = state_lib.from_checkpoint_tree(restored[STATE], template)
@@ -337,27 +373,33 @@ class Checkpointer:
 
     A newer step that fails is moved aside to `<step>.corrupt` (so it is no
     longer listed and the step can be saved again) and reported through
-    `on_skip(step, reason, moved_to)` (default: a logged warning).
+    `on_skip(step, reason, moved_to)` (default: a logged warning). A newer
+    step that cannot be read (permissions) may be intact: it is reported
+    with moved_to None and left where it is; this Checkpointer then neither
+    saves over it (save returns False) nor deletes it (max_to_keep).
 
     Raises:
       CheckpointRestoreError: checkpoints exist but none loads; nothing is
         moved then, so no work is lost by starting again.
     """
     on_skip = on_skip or _log_skip
-    skipped = []
+    skipped = []  # (step, reason, whether it may be intact)
     for step in reversed(self.all_steps()):
       try:
         state, meta = self.restore(step, template, data_iterator)
       except CorruptCheckpointError as e:
-        skipped.append((step, str(e)))
+        unreadable = isinstance(e, UnreadableCheckpointError)
+        if unreadable:
+          self._kept.add(step)
+        skipped.append((step, str(e), unreadable))
         continue
-      for bad, reason in skipped:
-        on_skip(bad, reason, self._quarantine(bad))
-      if skipped:
+      for bad, reason, unreadable in skipped:
+        on_skip(bad, reason, None if unreadable else self._quarantine(bad))
+      if any(not unreadable for _, _, unreadable in skipped):
         self.manager.reload()
       return state, meta, step
     if skipped:
-      lines = "\n".join(f"  step {s}: {r}" for s, r in skipped)
+      lines = "\n".join(f"  step {s}: {r}" for s, r, _ in skipped)
       raise CheckpointRestoreError(
           f"no checkpoint in {self.directory} can be loaded:\n{lines}\n"
           f"Nothing was changed on disk. Move the directory away to start "
@@ -378,19 +420,114 @@ class Checkpointer:
 
 
 def _log_skip(step, reason, moved_to):
-  logging.warning("skipped checkpoint step %s (%s); moved to %s", step,
-                  reason, moved_to)
+  if moved_to is None:
+    logging.warning("skipped checkpoint step %s (%s)", step, reason)
+  else:
+    logging.warning("skipped checkpoint step %s (%s); moved to %s", step,
+                    reason, moved_to)
+
+
+class _KeepLatestAndUnreadable:
+  """An orbax PreservationPolicy: the newest `n` steps (all when n is None),
+  and any step in `kept` or that cannot be read (it may be intact, and
+  deleting it would fail anyway)."""
+
+  def __init__(self, n, kept, step_path):
+    self.n, self.kept, self.step_path = n, kept, step_path
+
+  def should_preserve(self, checkpoints, *, context):
+    latest = ocp.checkpoint_managers.LatestN(n=self.n).should_preserve(
+        checkpoints, context=context)
+    return [bool(keep) or c.step in self.kept
+            or _first_unreadable(self.step_path(c.step)) is not None
+            for keep, c in zip(latest, checkpoints)]
+
+
+def _first_unreadable(path):
+  """(path, PermissionError) of the first directory or file under `path`
+  that this process may not list or open, or None. Other errors (a missing
+  path, ...) are left to the checks that follow."""
+  stack = [path]
+  while stack:
+    directory = stack.pop()
+    try:
+      entries = sorted(os.scandir(directory), key=lambda e: e.name,
+                       reverse=True)
+    except PermissionError as e:
+      return directory, e
+    except OSError:
+      continue
+    for entry in entries:
+      try:
+        if entry.is_dir(follow_symlinks=False):
+          stack.append(entry.path)
+          continue
+        os.close(os.open(entry.path, os.O_RDONLY))
+      except PermissionError as e:
+        return entry.path, e
+      except OSError:
+        continue
+  return None
+
+
+def _permission_denied(error):
+  """Whether a load error was caused by file permissions (EACCES, EPERM),
+  raised by Python or reported by TensorStore in its message."""
+  chain, e = [], error
+  while e is not None and all(e is not c for c in chain):
+    chain.append(e)
+    e = e.__cause__ or e.__context__
+  for e in chain:
+    if isinstance(e, PermissionError):
+      return True
+    match = _OS_ERROR_CODE.search(str(e))
+    if match and int(match.group(1)) in (errno.EACCES, errno.EPERM):
+      return True
+  return False
+
+
+def _unreadable_error(path, error):
+  return UnreadableCheckpointError(
+      f"cannot read {path}: {describe_error(error)}; left it where it is "
+      f"(it may be intact: make it readable to resume from it)")
+
+
+def _check_meta(meta, step=None):
+  """Raises CorruptCheckpointError unless `meta` (a dict; its meta_sha256
+  is left in place) matches its checksum and, given `step`, records that
+  step. Reads nothing else, so it can vet a config before any model is
+  built."""
+  recorded = meta.get("meta_sha256")
+  if recorded is not None and recorded != _sha256(
+      {k: v for k, v in meta.items() if k != "meta_sha256"}):
+    raise CorruptCheckpointError("meta does not match its checksum")
+  if step is not None and "step" in meta and meta["step"] != int(step):
+    raise CorruptCheckpointError(
+        f"is not the checkpoint of step {step}: its meta records step "
+        f"{meta['step']}")
+
+
+def _verify_step(step, meta, tree):
+  """Binds a checkpoint to its step: the directory's step, meta's step and
+  the restored state's step must agree (a copy of another step, or a state
+  saved under another number, is corrupt)."""
+  x = tree["step"]
+  shards = getattr(x, "addressable_shards", None)
+  state_step = int(np.asarray(shards[0].data if shards else x))
+  meta_step = meta.get("step", step)
+  if meta_step == int(step) == state_step:
+    return
+  said = [f"its meta records step {meta_step}"] if meta_step != step else []
+  said.append(f"its state is at step {state_step}")
+  raise CorruptCheckpointError(
+      f"is not the checkpoint of step {step}: " + " and ".join(said))
 
 
 def _verify(meta, tree):
   """Raises CorruptCheckpointError unless meta and the state arrays match
   what save() recorded. Checkpoints written before fingerprints existed (no
   'fingerprint' in meta) load unverified."""
-  recorded = meta.pop("meta_sha256", None)
-  if recorded is not None and recorded != _sha256(meta):
-    raise CorruptCheckpointError("meta does not match its checksum")
-  if recorded is not None:
-    meta["meta_sha256"] = recorded
+  _check_meta(meta)
   if "fingerprint" in meta:
     names = [jax.tree_util.keystr(k) for k, _ in
              jax.tree_util.tree_flatten_with_path(tree)[0]]
@@ -429,7 +566,9 @@ def _verify_data_file(directory, digest):
 
 def read_saved_config(directory):
   """(config dict, step) from the newest checkpoint step under `directory`
-  whose meta is readable JSON, or (None, None). Reads files only."""
+  whose meta is readable JSON, matches its checksum and records that step,
+  or (None, None). Reads files only: it vets the config of a resume before
+  anything is built; restore_latest verifies (and reports) the rest."""
   try:
     names = os.listdir(directory)
   except OSError:
@@ -442,18 +581,32 @@ def read_saved_config(directory):
         meta = json.load(f)
     except (OSError, ValueError):
       continue
-    if isinstance(meta, dict) and isinstance(meta.get("config"), dict):
+    if not isinstance(meta, dict):
+      continue
+    try:
+      _check_meta(meta, step)
+    except CorruptCheckpointError:
+      continue
+    if isinstance(meta.get("config"), dict):
       return meta["config"], step
   return None, None
 
 
 def write_json_atomic(path, obj):
-  """Writes JSON to `path` via a temporary file and a rename."""
+  """Writes JSON to `path` via a temporary file and a rename. If that fails
+  (a full disk), `path` is as it was and the temporary file is removed."""
   tmp = f"{path}.tmp.{os.getpid()}"
-  with open(tmp, "w") as f:
-    json.dump(obj, f, indent=2, sort_keys=True)
-    f.write("\n")
-  os.replace(tmp, path)
+  try:
+    with open(tmp, "w") as f:
+      json.dump(obj, f, indent=2, sort_keys=True)
+      f.write("\n")
+    os.replace(tmp, path)
+  except BaseException:
+    try:
+      os.remove(tmp)
+    except OSError:
+      pass
+    raise
 
 
 def save_config(config, workdir):

@@ -3,8 +3,9 @@
 Every one derives from `TrainingError`, whose message is written for the
 person running the job: what happened, at which step or in which config
 field, and what to do. experiments/train.py prints `training stopped: <the
-message>` for each and exits with status 1 (2 for a config error, 143 for a
-preemption). docs/reliability.md shows each message.
+message>` for each and exits with status 1 (2 for a config error, 3 for a
+damaged dataset file, 143 for a preemption). docs/reliability.md shows each
+message.
 """
 
 
@@ -44,12 +45,14 @@ class TrainingDivergedError(TrainingError, FloatingPointError):
 
 
 class TrainingPreempted(TrainingError):
-  """SIGTERM arrived: a checkpoint of `step` was saved and written; running
-  the same command again continues from it."""
+  """SIGTERM (or SIGINT, Ctrl-C: `signum`) arrived: a checkpoint of `step`
+  was saved and written; running the same command again continues from it.
+  experiments/train.py exits with 128 + signum (143, or 130 for Ctrl-C)."""
 
-  def __init__(self, message, step):
+  def __init__(self, message, step, signum=15):
     super().__init__(message)
     self.step = step
+    self.signum = int(signum)
 
 
 class WorkdirWriteError(TrainingError, OSError):
@@ -64,3 +67,26 @@ class CheckpointSaveError(WorkdirWriteError):
 
 class CheckpointRestoreError(TrainingError):
   """Checkpoints exist but none of them could be loaded and verified."""
+
+
+class WorkdirLockedError(TrainingError):
+  """Another run holds the workdir's lock (moejax.train.workdir); nothing
+  was started. `holder`: its record (pid, host, since), {} if unknown.
+  experiments/train.py exits with status 75."""
+
+  def __init__(self, message, holder=None):
+    super().__init__(message)
+    self.holder = dict(holder or {})
+
+
+class DatasetError(TrainingError):
+  """A dataset file is damaged or could not be read (exit status 3).
+
+  At the start (`step` None) nothing was started; mid-run the step reached
+  (`step`) was saved first. The message names the file when it can be
+  known and the command that rebuilds the dataset.
+  """
+
+  def __init__(self, message, step=None):
+    super().__init__(message)
+    self.step = step

@@ -16,6 +16,7 @@ happens on faults (SIGKILL, SIGTERM, corrupt checkpoints, full disks, NaNs,
 invalid or changed configs) is in docs/reliability.md.
 """
 
+import contextlib
 import itertools
 import json
 import math
@@ -40,11 +41,14 @@ from moejax.train import optim
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
 from moejax.train import validation
+from moejax.train import workdir as workdir_lib
 from moejax.train import writers as writers_lib
 from moejax.train.errors import ConfigError
+from moejax.train.errors import DatasetError
 from moejax.train.errors import TrainingDivergedError
 from moejax.train.errors import TrainingError
 from moejax.train.errors import TrainingPreempted
+from moejax.train.errors import WorkdirLockedError
 from moejax.train.errors import WorkdirWriteError
 
 MODELS = {"decoder_lm": models.DecoderLM, "vit": models.ViTClassifier}
@@ -178,6 +182,9 @@ def make_datasets_checked(config):
   split, an unknown dataset or split) as ConfigError. Builds no JAX code."""
   try:
     return make_datasets(config)
+  except data_lib.DatasetFileError as e:  # a damaged file: not the config
+    raise DatasetError(f"{e.problem}. Nothing was started. To rebuild it, "
+                       f"run: {e.rebuild}") from e
   except ValueError as e:
     field = "data.seq_len" if "seq_len" in str(e) else "data"
     value = config.data.get("seq_len") if field == "data.seq_len" else (
@@ -185,13 +192,69 @@ def make_datasets_checked(config):
     raise ConfigError([f"config.{field}={value!r}: {e}"]) from e
 
 
-class PreemptionGuard:
-  """Turns SIGTERM into a checkpoint at a step every process agrees on.
+class _DataPosition:
+  """A data iterator's position, read before a `next()` that then failed.
 
-  One process: while active, SIGTERM sets `requested` instead of killing
-  the process; the loop checks it between steps, saves and raises
-  TrainingPreempted. Only the main thread can install signal handlers;
-  elsewhere this is a no-op (SIGTERM then kills as usual).
+  What Checkpointer.save reads from an iterator (`get_state()`; grain's
+  handler takes JSON bytes from an object that is not a dataset iterator),
+  without asking the failed iterator: its state may be half advanced.
+  """
+
+  def __init__(self, state):
+    self._state = state
+
+  def get_state(self):
+    return json.dumps(self._state, indent=4).encode()
+
+
+def _data_read_error(config, what, error, step, outcome):
+  """The DatasetError for a failed read of the `what` ('training' or
+  'evaluation') data: the read error, the damaged file (the dataset's files
+  are checked against their manifest now), `outcome` (what became of the
+  step reached) and what to do."""
+  d = config.data
+  when = f"after step {step}" if what == "training" else f"at step {step}"
+  text = (f"reading the {what} data failed {when}: "
+          f"{ckpt_lib.describe_error(error).rstrip('.')}; ")
+  selection = dict(max_files=d.get("max_files"),
+                   validation_fraction=d.get("validation_fraction")) if (
+                       config.task == "lm") else {}
+  problem = None
+  try:
+    problem = data_lib.check_dataset_files(
+        d.dataset, data_dir=d.get("data_dir"), **selection)
+  except ValueError:  # not built by moejax: no manifest to compare with
+    text += (f"dataset {d.dataset!r} is not built by moejax, so no "
+             f"checksums tell which of its files is damaged; ")
+  except Exception as e:  # pylint: disable=broad-except
+    text += f"its files could not be checked ({ckpt_lib.describe_error(e)}); "
+  else:
+    text += (f"{problem.problem}; " if problem else
+             f"every file of dataset {d.dataset!r} still matches its "
+             f"manifest, so no file was changed (check the disk and the file "
+             f"system); ")
+  text += f"{outcome}."
+  if problem is not None:
+    text += (f" After the rebuild, run the same command to resume. To "
+             f"rebuild it, run: {problem.rebuild}")
+  else:
+    text += " Run the same command to resume once the data reads again."
+  return DatasetError(text, step)
+
+
+class PreemptionGuard:
+  """Turns SIGTERM and SIGINT (Ctrl-C) into a checkpoint at a step every
+  process agrees on.
+
+  One process: while active, SIGTERM or SIGINT sets `requested` instead of
+  ending the process; the loop checks it between steps, saves and raises
+  TrainingPreempted with that signal (exit status 143 or 130). A further
+  SIGTERM is ignored (the save is under way). A further SIGINT, Ctrl-C
+  pressed again, goes to the SIGINT handler that was there before the
+  guard: Python's raises KeyboardInterrupt, experiments/train.py's ends the
+  process at once with one line. A SIGINT that was ignored when the guard
+  started (a background job of a shell) stays ignored. Only the main thread
+  can install signal handlers; elsewhere this is a no-op.
 
   Several processes (jax.distributed): a save is a collective, so a process
   that stopped on its own signal would wait forever for the others. There
@@ -199,19 +262,34 @@ class PreemptionGuard:
   the SIGTERM of any process, tells all of them, and
   multihost_utils.reached_preemption_sync_point(step) turns True at the
   same step everywhere; `poll(step)`, called after every step, asks it.
-  No Python handler is installed then: it would replace JAX's.
+  No Python SIGTERM handler is installed then: it would replace JAX's. A
+  SIGINT is handed to that service as a SIGTERM of this process, so a
+  Ctrl-C (which a terminal sends to every process it started) stops all
+  of them at one agreed step too; each reports the signal it received.
   """
 
-  def __init__(self, signals=(signal.SIGTERM,), *, multi_process=None):
+  def __init__(self, signals=(signal.SIGTERM, signal.SIGINT), *,
+               multi_process=None):
     self.signals = signals
     self.multi_process = (jax.process_count() > 1 if multi_process is None
                           else multi_process)
     self.requested = None  # the signal number once one arrived (or agreed)
+    self.received = None  # the first signal this process received itself
     self._previous = {}
 
   def _handle(self, signum, frame):
-    del frame
-    self.requested = signum
+    if self.received is None:
+      self.received = signum
+      if self.multi_process:  # tell every process: JAX's SIGTERM handler
+        os.kill(os.getpid(), signal.SIGTERM)
+      else:
+        self.requested = signum
+    elif signum == signal.SIGINT:  # Ctrl-C again: stop at once
+      previous = self._previous.get(signum)
+      self.__exit__()
+      if callable(previous):
+        previous(signum, frame)
+      raise KeyboardInterrupt
 
   def poll(self, step):
     """After step `step` (every step, in order, on every process): whether
@@ -220,7 +298,7 @@ class PreemptionGuard:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
       try:
         if multihost_utils.reached_preemption_sync_point(step):
-          self.requested = signal.SIGTERM
+          self.requested = self.received or signal.SIGTERM
       except RuntimeError as e:  # the preemption service is off
         logging.warning("%s; SIGTERM will end this run without a checkpoint "
                         "(jax_enable_preemption_service)", e)
@@ -228,11 +306,16 @@ class PreemptionGuard:
     return self.requested is not None
 
   def __enter__(self):
-    if self.multi_process:
-      return self  # JAX's preemption service handles SIGTERM; see poll()
-    if threading.current_thread() is threading.main_thread():
-      for sig in self.signals:
-        self._previous[sig] = signal.signal(sig, self._handle)
+    if threading.current_thread() is not threading.main_thread():
+      return self
+    for sig in self.signals:
+      if self.multi_process and (sig != signal.SIGINT or
+                                 not _preemption_service_on()):
+        continue  # JAX's preemption service handles SIGTERM; see poll()
+      previous = signal.getsignal(sig)
+      if sig == signal.SIGINT and previous in (signal.SIG_IGN, None):
+        continue  # ignored on purpose (or not Python's to restore)
+      self._previous[sig] = signal.signal(sig, self._handle)
     return self
 
   def __exit__(self, *exc):
@@ -242,19 +325,80 @@ class PreemptionGuard:
     return False
 
 
+def _preemption_service_on():
+  """Whether JAX's preemption service (whose SIGTERM handler tells every
+  process) runs: jax.distributed starts it in a multi-process run when
+  jax_enable_preemption_service is on (public config, no private import).
+  If it is off after all, poll() warns once and stops polling."""
+  return jax.process_count() > 1 and bool(getattr(
+      jax.config, "jax_enable_preemption_service", False))
+
+
+def _unwritable(workdir, error):
+  """The WorkdirWriteError of a workdir that cannot be written at start."""
+  return WorkdirWriteError(
+      f"cannot write to the workdir {workdir}: "
+      f"{ckpt_lib.describe_error(error)}. Nothing was started. Make it "
+      f"writable or free space (or choose another --workdir), then run "
+      f"again.")
+
+
 def _check_workdir(workdir):
-  """Creates workdir; WorkdirWriteError if it cannot be written."""
+  """Creates workdir; WorkdirWriteError if it cannot be written. The probe
+  file is removed whether its write worked or not (a full disk creates the
+  file, then fails to write it)."""
+  probe = os.path.join(workdir, f".write_test.{os.getpid()}")
   try:
     os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
+    try:
+      with open(probe, "w") as f:
+        f.write("ok")
+    finally:
+      try:
+        os.remove(probe)
+      except OSError:
+        pass  # never created (a read-only workdir): the write's error says
   except OSError as e:
-    raise WorkdirWriteError(
-        f"cannot write to the workdir {workdir}: {ckpt_lib.describe_error(e)}. "
-        f"Nothing was started. Make it writable (or choose another "
-        f"--workdir) and run again.") from e
+    raise _unwritable(workdir, e) from e
+
+
+def _claim_workdir(workdir, held, on_takeover):
+  """Process 0 checks that `workdir` can be written and takes its lock
+  (moejax.train.workdir: one run per workdir), which `held` (an ExitStack)
+  keeps until the run ends. The processes of one multi-process run share
+  its workdir, so only process 0 locks it, and every process raises when
+  process 0 could not (none goes on alone, to wait in a collective).
+
+  Raises:
+    WorkdirWriteError: the workdir cannot be written; nothing was started.
+    WorkdirLockedError: another run holds the workdir; nothing was started.
+  """
+  error = None
+  if jax.process_index() == 0:
+    try:
+      _check_workdir(workdir)
+      held.enter_context(workdir_lib.WorkdirLock(workdir).acquire(
+          on_takeover=on_takeover))
+    except TrainingError as e:
+      error = e
+    except OSError as e:  # the lock file could not be created or written
+      error = _unwritable(workdir, e)
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    code = (0 if error is None else
+            1 if isinstance(error, WorkdirLockedError) else 2)
+    code = int(multihost_utils.broadcast_one_to_all(np.int32(code)))
+    if error is None and code == 1:
+      error = WorkdirLockedError(
+          f"the workdir {workdir} is in use by another run (process 0 found "
+          f"it locked; see its message). Wait until that run ends or stop "
+          f"it, or choose another --workdir.")
+    elif error is None and code == 2:
+      error = WorkdirWriteError(
+          f"cannot write to the workdir {workdir} (process 0 could not; see "
+          f"its message). Nothing was started.")
+  if error is not None:
+    raise error
 
 
 def _workdir_error(workdir, error, ckpt):
@@ -282,8 +426,10 @@ def _close_outputs(ckpt, writer, workdir, quiet):
 
 
 def _check_resume_config(config, ckpt_dir):
-  """ResumeConfigError if the newest checkpoint was written with a config
-  that defines a different model or data (validation.RESUME_LOCKED)."""
+  """ResumeConfigError if the newest checkpoint whose meta verifies (its
+  checksum and its step; a corrupt newer step is skipped here and reported
+  by restore_latest) was written with a config that defines a different
+  model or data (validation.RESUME_LOCKED). Reads files only."""
   saved, step = ckpt_lib.read_saved_config(ckpt_dir)
   if saved is not None:
     validation.check_resume_config(saved, config,
@@ -291,6 +437,20 @@ def _check_resume_config(config, ckpt_dir):
 
 
 # ------------------------------------------------------------- metrics
+
+
+def _eval_record(workdir, step):
+  """The eval metrics ({'eval/...': value}) metrics.jsonl holds for `step`,
+  or {} when it holds none."""
+  path = os.path.join(workdir, "metrics.jsonl")
+  if not os.path.exists(path):
+    return {}
+  found = {}
+  for record in writers_lib.read_jsonl(path):
+    if record.get("step") == step and any(k.startswith("eval/")
+                                          for k in record):
+      found = {k: v for k, v in record.items() if k.startswith("eval/")}
+  return found
 
 
 def _flatten_metrics(metrics, moe_layer_ids, prefix):
@@ -383,12 +543,21 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
     TrainingDivergedError: loss or gradient norm not finite (nan_policy
       'stop'), or too many skipped steps in a row ('skip'); names the step.
       Checkpoints saved before that step stay intact.
-    TrainingPreempted: SIGTERM; a checkpoint of the current step was
-      written first.
+    TrainingPreempted: SIGTERM, or SIGINT (Ctrl-C; `signum` says which); a
+      checkpoint of the current step was written first.
     WorkdirWriteError: the workdir could not be written (not writable, disk
       full); CheckpointSaveError (a subclass) when a checkpoint could not.
+    WorkdirLockedError: another run holds the workdir (one run per workdir:
+      its lock is held until this function returns or raises).
     CheckpointRestoreError: checkpoints exist but none loads.
   """
+  with contextlib.ExitStack() as held:  # the workdir's lock, for the run
+    return _train_and_evaluate(config, workdir, stream, on_log, held)
+
+
+def _train_and_evaluate(config, workdir, stream, on_log, held):
+  """train_and_evaluate's body; `held` (an ExitStack) keeps the workdir's
+  lock until the run returns or raises."""
   validate_config(config, num_devices=jax.device_count())
   stream = stream or sys.stdout
 
@@ -398,8 +567,8 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
   ckpt_dir = os.path.join(workdir, "checkpoints")
   _check_resume_config(config, ckpt_dir)
   is_main = jax.process_index() == 0
-  if is_main:
-    _check_workdir(workdir)
+  _claim_workdir(workdir, held,
+                 on_takeover=lambda text: _print(f"WARNING: {text}"))
   # The data first: its refusals (seq_len vs the split, ...) come before
   # anything is compiled.
   train_ds, eval_ds = make_datasets_checked(config)
@@ -409,7 +578,8 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
     except OSError as e:
       raise WorkdirWriteError(
           f"cannot write {workdir}/config.json: "
-          f"{ckpt_lib.describe_error(e)}. Nothing was started.") from e
+          f"{ckpt_lib.describe_error(e)}. Nothing was started. Make the "
+          f"workdir writable or free space, then run again.") from e
 
   total_steps = int(config.num_train_steps)
   mesh = state_lib.make_train_mesh(config.mesh)
@@ -455,10 +625,11 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
       async_save=config.get("async_checkpointing", True))
 
   def on_skip(step, reason, moved_to):
-    text = (f"WARNING: skipped checkpoint step {step}: {reason}; moved it "
-            f"to {moved_to}")
-    logging.warning("%s", text)
-    _print(text)
+    # moved_to None: a step that cannot be read, left in place (the reason
+    # says so), or another process moves it.
+    text = f"WARNING: skipped checkpoint step {step}: {reason}" + (
+        f"; moved it to {moved_to}" if moved_to else "")
+    _print(text)  # once: not also logged (absl's log is the same terminal)
 
   start_step, tokens_seen = 0, 0
   skips = dict(total=0, in_a_row=0)  # nan_policy 'skip' counters
@@ -484,11 +655,16 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
 
   writer = None
   if is_main:
-    jsonl = writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-    jsonl.truncate_after(start_step)
-    tb = writers_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
-    if start_step:
-      tb.session_start(start_step + 1)
+    try:
+      jsonl = writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
+      jsonl.truncate_after(start_step)
+      tb = writers_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
+      if start_step:
+        tb.session_start(start_step + 1)
+    except OSError as e:  # a full disk at a resume: metrics.jsonl as it was
+      error = _workdir_error(workdir, e, ckpt)
+      ckpt.close(quiet=True)
+      raise error from e
     writer = writers_lib.MultiWriter([jsonl, tb])
   bar = writers_lib.ProgressBar(total_steps, initial=start_step,
                                 stream=stream, enabled=is_main)
@@ -502,8 +678,12 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
     if eval_batches is None:
       it = iter(eval_ds)
       n = config.eval_steps or None
+      try:
+        host_batches = list(itertools.islice(it, n))
+      except Exception as e:  # pylint: disable=broad-except
+        _stop_for_data("evaluation", e)  # saves this step, names the file
       eval_batches = [data_lib.make_global_batch(b, bsharding)
-                      for b in itertools.islice(it, n)]
+                      for b in host_batches]
     m = step_lib.evaluate(eval_step, state, eval_batches)
     flat = _flatten_metrics(m, moe_layer_ids, "eval/")
     if config.task == "lm" and "eval/ce_loss" in flat:
@@ -567,13 +747,18 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
       skips["in_a_row"] = 0
       return False
     what = ", ".join(f"{n} is {v}" for n, v in bad)
+
+    def so_far():
+      latest = ckpt.latest_step()
+      if latest is None:
+        return f"No checkpoint has been saved yet (in {ckpt.directory})."
+      return (f"Checkpoints so far are intact (latest: step {latest} in "
+              f"{ckpt.directory}).")
     if not skip_nonfinite:
       ckpt.wait()
       raise TrainingDivergedError(
-          f"step {step}: {what}; stopping (nan_policy='stop'). Checkpoints "
-          f"so far are intact (latest: step {ckpt.latest_step()} in "
-          f"{ckpt.directory}). To skip such steps instead, set "
-          f"nan_policy='skip'.")
+          f"step {step}: {what}; stopping (nan_policy='stop'). {so_far()} "
+          f"To skip such steps instead, set nan_policy='skip'.")
     skips["total"] += 1
     skips["in_a_row"] += 1
     if skips["in_a_row"] >= max_skips:
@@ -581,8 +766,7 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
       raise TrainingDivergedError(
           f"step {step}: {what}; {skips['in_a_row']} steps in a row skipped "
           f"(max_consecutive_nan_skips={max_skips}, {skips['total']} "
-          f"skipped in all); stopping. Checkpoints so far are intact "
-          f"(latest: step {ckpt.latest_step()} in {ckpt.directory}).")
+          f"skipped in all); stopping. {so_far()}")
     bar.write(f"step {step}: {what}; update skipped ({skips['in_a_row']} "
               f"in a row, {skips['total']} in all)")
     if writer is not None:
@@ -590,16 +774,24 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
                           "train/nan_skips_total": float(skips["total"])})
     return True
 
-  def save(step):
-    ckpt.save(step, state, train_iter, {
+  def save(step, position=None):
+    # position: the data position to save instead of train_iter's (after a
+    # failed read, the one before it: _DataPosition).
+    position = train_iter if position is None else position
+    if not ckpt.save(step, state, position, {
         "tokens_seen": tokens_seen, "config": _config_dict(config),
         "nan_skips_total": skips["total"],
-        "nan_skips_in_a_row": skips["in_a_row"]})
+        "nan_skips_in_a_row": skips["in_a_row"]}):
+      bar.write(f"WARNING: checkpoint step {step} not saved: "
+                f"{ckpt.step_path(step)} exists and could not be read; left "
+                f"it as it is")
+      unsaved.add(step)
     saved.add(step)
 
   def _preempted(signum, step):
     """Saves `step` (if not saved yet), waits for the files, raises."""
     name = signal.Signals(signum).name
+    what = "interrupted" if signum == signal.SIGINT else "preempted"
     if step not in saved:
       if checked[0] != step:  # never save a state whose numbers are unseen
         _nonfinite_step(step, jax.device_get(latest[0]))
@@ -609,18 +801,50 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
       writer.flush()
     if step == start_step:
       raise TrainingPreempted(
-          f"preempted ({name}) before step {step + 1}: nothing new to save"
+          f"{what} ({name}) before step {step + 1}: nothing new to save"
           + (f"; the newest checkpoint is step {step}" if step else "")
-          + ". Run the same command to resume.", step)
+          + ". Run the same command to resume.", step, signum)
+    if step in unsaved:  # an unreadable step of that number was left alone
+      raise TrainingPreempted(
+          f"{what} ({name}) at step {step}: not saved, because "
+          f"{ckpt.step_path(step)} exists and could not be read; "
+          f"{ckpt.newest()}. Run the same command to resume.", step, signum)
     raise TrainingPreempted(
-        f"preempted ({name}) at step {step}: saved checkpoint "
+        f"{what} ({name}) at step {step}: saved checkpoint "
         f"{ckpt.step_path(step)}. Run the same command to resume from step "
-        f"{step}.", step)
+        f"{step}.", step, signum)
+
+  def _stop_for_data(what, error, position=None):
+    """A read of the `what` data raised `error`: saves the step reached (its
+    numbers checked first; `position`: the data position before the failed
+    read), then raises DatasetError naming the damaged file."""
+    if pending is not None:  # the previous step: checked and logged first
+      process(pending)
+    step = done
+    if step in saved:  # by a periodic save, or the step resumed from
+      outcome = (f"saved checkpoint {ckpt.step_path(step)}" if step
+                 else "no step was completed, so nothing was saved")
+    elif jax.process_count() > 1:
+      outcome = (f"step {step} was not saved (a save needs every process); "
+                 f"{ckpt.newest()}")
+    else:
+      if checked[0] != step:  # never save a state whose numbers are unseen
+        _nonfinite_step(step, jax.device_get(latest[0]))
+      save(step, position)
+      outcome = (f"saved checkpoint {ckpt.step_path(step)}"
+                 if step not in unsaved else
+                 f"step {step} was not saved ({ckpt.step_path(step)} exists "
+                 f"and could not be read); {ckpt.newest()}")
+    ckpt.wait()
+    if writer is not None:
+      writer.flush()
+    raise _data_read_error(config, what, error, step, outcome)
 
   last_time, last_tokens, compiled = time.monotonic(), tokens_seen, False
   tokens_per_step = 1
   pending = None
   saved = {start_step}
+  unsaved = set()  # steps save() left alone (an unreadable one exists)
   done = start_step  # steps whose update has been applied
   checked = [start_step]  # the last step whose metrics were checked
   latest = [None]  # the metrics of step `done`
@@ -634,7 +858,12 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
         if guard.requested:
           break
         step = i + 1  # the number of updates once this one is applied
-        batch = data_lib.make_global_batch(next(train_iter), bsharding)
+        position = train_iter.get_state()  # saved if the next read fails
+        try:
+          host_batch = next(train_iter)
+        except Exception as e:  # pylint: disable=broad-except
+          _stop_for_data("training", e, _DataPosition(position))
+        batch = data_lib.make_global_batch(host_batch, bsharding)
         tokens_per_step = task.tokens(batch)
         tokens_seen += tokens_per_step
         state, metrics = train_step(state, batch)
@@ -666,8 +895,19 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
         pending = None
       if guard.requested and done < end_step:  # (a finished run finishes)
         _preempted(guard.requested, done)
-    if start_step >= total_steps:  # nothing left to train: evaluate only
-      last_eval = run_eval(int(jax.device_get(state.step)))
+    if start_step >= total_steps:
+      # Finished before this invocation: neither train nor evaluate again
+      # (an eval would append another record each rerun). The same choice
+      # on every process (an eval is a collective); the summary takes the
+      # eval record of that step from metrics.jsonl.
+      bar.write(
+          f"this run already finished at step {start_step} "
+          f"(num_train_steps={total_steps}, checkpoint "
+          f"{ckpt.step_path(start_step)}): nothing was trained or evaluated "
+          f"again, and the summary below is from its records. Raise "
+          f"--config.num_train_steps to train on, or use a new --workdir.")
+      if is_main:
+        last_eval = _eval_record(workdir, start_step)
     failed = False
   except OSError as e:
     if isinstance(e, TrainingError):

@@ -16,8 +16,9 @@ def make_schedule(*, learning_rate, total_steps, warmup_steps,
     raise ValueError(f"learning_rate must be > 0, got {learning_rate!r}")
   if total_steps < 1:
     raise ValueError(f"total_steps must be >= 1, got {total_steps!r}")
-  if not 0 <= warmup_steps <= total_steps:
-    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps}]"
+  # optax's cosine part needs at least one step after the warmup.
+  if not 0 <= warmup_steps < total_steps:
+    raise ValueError(f"warmup_steps must be in [0, total_steps={total_steps})"
                      f", got {warmup_steps!r}")
   if not 0 <= end_learning_rate_fraction <= 1:
     raise ValueError(f"end_learning_rate_fraction must be in [0, 1], got "

@@ -17,6 +17,7 @@ the rules to drift.
 changes the model or the data it was trained on (see RESUME_LOCKED).
 """
 
+import collections
 import math
 import numbers
 import re
@@ -24,6 +25,8 @@ import re
 from flax import nnx
 import jax
 
+from moejax import data as data_lib
+from moejax import routing as routing_lib
 from moejax.data import corpus
 from moejax.data import digits
 from moejax.layers import build as build_lib
@@ -113,8 +116,9 @@ class _Problems:
     if ok and high is not None:
       ok = value < high if high_open else value <= high
     if not ok:
-      lo = "(" if low_open else "["
-      hi = ")" if high_open else "]"
+      # Only finite numbers pass, so an unbounded side is open: (0, inf).
+      lo = "(" if low_open or low is None else "["
+      hi = ")" if high_open or high is None else "]"
       allowed = (f"a number in {lo}{'-inf' if low is None else low}, "
                  f"{'inf' if high is None else high}{hi}")
       if optional:
@@ -180,9 +184,9 @@ def _check_optimizer(c, p):
   steps = c.get("num_train_steps")
   p.number("optimizer.learning_rate", o.get("learning_rate"), 0,
            low_open=True)
-  if isinstance(steps, int):
-    p.integer("optimizer.warmup_steps", o.get("warmup_steps"), 0,
-              max(steps, 0))
+  if isinstance(steps, int) and steps >= 1:
+    # The cosine decay needs at least one step after the warmup.
+    p.integer("optimizer.warmup_steps", o.get("warmup_steps"), 0, steps - 1)
   p.number("optimizer.end_learning_rate_fraction",
            o.get("end_learning_rate_fraction"), 0, 1)
   p.number("optimizer.weight_decay", o.get("weight_decay"), 0)
@@ -282,6 +286,62 @@ def _pos_int(x):
   return isinstance(x, int) and not isinstance(x, bool) and x >= 1
 
 
+def _tfds_names(name=None):
+  """Whether `name` is a registered TFDS dataset (True when TFDS cannot
+  tell: the data code then reports it); without a name, the registered
+  names (no community datasets, no network)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  if name is None:
+    try:
+      return tfds.list_builders(with_community_datasets=False)
+    except Exception:  # pylint: disable=broad-except
+      return []
+  try:
+    tfds.builder_cls(name)
+  except tfds.core.registered.DatasetNotFoundError:
+    return False
+  except Exception:  # pylint: disable=broad-except
+    return True  # e.g. a builder whose module needs a missing package
+  return True
+
+
+def _check_dataset(task, dataset, p):
+  """data.dataset: an embedded dataset of the task's kind, or a registered
+  TFDS dataset. Checked here, so that an unknown name is not reported as
+  whatever the data code happens to check first (it used to be a
+  max_files problem)."""
+  if task not in TASKS:
+    return
+  kinds = {"lm": ("text", data_lib.EMBEDDED_TEXT_DATASETS),
+           "classification": ("image", data_lib.EMBEDDED_IMAGE_DATASETS)}
+  kind, own = kinds[task]
+  allowed = (f"{list(own)} (embedded) or the name of a registered TFDS "
+             f"{kind} dataset")
+  if not isinstance(dataset, str) or not dataset:
+    p.add("data.dataset", dataset, allowed)
+    return
+  if dataset in own:
+    return
+  for other_task, (other_kind, names) in kinds.items():
+    if other_task != task and dataset in names:
+      p.add("data.dataset", dataset, allowed, why=f"an embedded "
+            f"{other_kind} dataset, but task {task!r} reads {kind}")
+      return
+  name = dataset.split("/")[0]  # 'name/config:version'
+  if ":" in name:
+    name, rest = name.split(":", 1)
+    if not re.fullmatch(r"[\d.*]+", rest):
+      return  # 'namespace:name', a community dataset: left to TFDS
+  if _tfds_names(name):
+    return
+  embedded = [*data_lib.EMBEDDED_TEXT_DATASETS,
+              *data_lib.EMBEDDED_IMAGE_DATASETS]
+  close = _close(dataset, embedded) or _close(dataset, _tfds_names())
+  why = "unknown dataset" + (f" (did you mean {close[0]!r}?)" if close
+                             else "")
+  p.add("data.dataset", dataset, allowed, why=why)
+
+
 def _check_data(c, p):
   d = c.get("data")
   if d is None:
@@ -289,6 +349,7 @@ def _check_data(c, p):
     return
   model = c.get("model") or {}
   dataset = d.get("dataset")
+  _check_dataset(c.get("task"), dataset, p)
   if c.get("task") == "lm":
     p.integer("data.seq_len", d.get("seq_len"), 1)
     vocab = DATA_VOCAB.get(dataset)
@@ -470,6 +531,116 @@ def _check_expert_parallel(c, p, axes, moe_layers):
             why=str(e))
 
 
+class _TokenShards(collections.namedtuple("_TokenShards",
+                                          "num_token_shards token_axes")):
+  """What expert_parallel.check_groups reads of an ExpertLayout, without a
+  mesh of real devices."""
+
+
+def _batches(c, model):
+  """[(kind, batch field, batch size, tokens per example, what one example
+  is)] of the batches the model's MoE layers see: the training batch and,
+  when the run evaluates, the eval batch. Batch sizes are global: the
+  layers group the tokens of the whole (jit-global) batch."""
+  if c.get("task") == "lm":
+    length, unit = _get(c, "data.seq_len"), "seq_len"
+  else:
+    length, unit = getattr(model, "num_tokens", None), "tokens per image"
+  if not _pos_int(length):
+    return []
+  out = []
+  if _pos_int(c.get("batch_size")):
+    out.append(("training", "batch_size", c.batch_size, length, unit))
+  if _get(c, "data.eval_split"):
+    field = ("eval_batch_size" if c.get("eval_batch_size") is not None
+             else "batch_size")
+    if out and c.get(field) == out[0][2]:
+      out[0] = ("training (and evaluation)", *out[0][1:])
+    elif _pos_int(c.get(field)):
+      out.append(("evaluation", field, c.get(field), length, unit))
+  return out
+
+
+def _check_groups(c, p, axes, model):
+  """Each MoE layer's token groups against every batch it will see.
+
+  MoELayer.__call__ cuts a batch's B*L tokens into groups of S = group_size
+  (None: L, one sequence per group) with group_tokens, which pads the last
+  group only when pad_groups (else raises); under expert parallelism
+  (ExpertParallel.constrain_groups) the G groups must split evenly over the
+  devices of the token axes (check_groups). B*L differs between training
+  and evaluation (eval_batch_size), and moe.layers.<i> may override
+  group_size and pad_groups, so every MoE block and every batch is checked
+  here with the layer's own functions, instead of failing when the step is
+  traced (an eval step only at the first evaluation)."""
+  blocks = getattr(model, "blocks", None)
+  batches = _batches(c, model)
+  if blocks is None or not batches:
+    return
+  moe = _moe_dict(c) or {}
+  mode = c.get("expert_parallel") or ""
+  shards = None
+  if mode in ep_lib.EP_MODES and axes:
+    # ExpertParallel's default token axes: the mesh's data, fsdp, expert.
+    token_axes = tuple(a for a in ep_lib.TOKEN_AXES if a in axes)
+    shards = _TokenShards(math.prod(axes[a] for a in token_axes), token_axes)
+  for index, block in enumerate(blocks):
+    layer = block.ffn if block.is_moe else None
+    if not isinstance(layer, moe_lib.MoELayer):
+      continue  # dense, or Soft MoE (always pads; not expert-parallel)
+    over = f"layers.{index}."
+    gfield = ("moe." + over + "group_size"
+              if _lookup(moe, over + "group_size") is not None
+              else "moe.group_size")
+    pfield = ("moe." + over + "pad_groups"
+              if _lookup(moe, over + "pad_groups") is not None
+              else "moe.pad_groups")
+    if gfield in p.fields:
+      continue
+    size = layer.group_size
+    unpadded, uneven = [], []
+    for kind, bfield, b, length, unit in batches:
+      tokens = b * length
+      s = size or length
+      g, pad = routing_lib.num_groups_and_padding(tokens, s)
+      what = (f"the {kind} batch's {tokens} tokens ({bfield} {b} x {unit} "
+              f"{length})")
+      if pad and not layer.pad_groups:
+        unpadded.append(f"{what} leave {tokens % s} over")
+        continue
+      if shards is not None and shards.num_token_shards > 1:
+        try:
+          ep_lib.check_groups(g, shards)
+        except ValueError:
+          uneven.append(f"{what} make {g} groups")
+    if not (unpadded or uneven):
+      continue
+    if size is None and any(f in p.fields for _, f, _, _, _ in batches):
+      continue  # groups of one sequence: the batch size's line says it
+    tokens = sorted({b * length for _, _, b, length, _ in batches},
+                    reverse=True)
+    d = 1 if shards is None else shards.num_token_shards
+    common = math.gcd(*tokens)
+    # A divisor of gcd(tokens) / d splits every batch into a multiple of d
+    # whole groups.
+    hint = f"a divisor of {common // d}" if common % d == 0 else None
+    if unpadded:
+      why = (f"{pfield}=False, so every batch must split into whole groups "
+             f"of {size}, but " + "; ".join(unpadded))
+      allowed = f"{pfield}=True"
+      if hint:
+        allowed = (f"{hint} (it divides {' and '.join(map(str, tokens))} "
+                   f"tokens" + (f" into a multiple of {d} groups" if d > 1
+                                else "") + f"), or {allowed}")
+    else:
+      why = (f"expert_parallel={mode!r} splits the token groups over the "
+             f"{d} devices of the token axes {list(shards.token_axes)}, but "
+             + "; ".join(uneven))
+      allowed = (f"a group size that makes a multiple of {d} groups of "
+                 f"every batch" + (f", e.g. {hint}" if hint else ""))
+    p.line(gfield, f"config.{gfield}={size!r}: {why}; allowed: {allowed}")
+
+
 # ------------------------------------------------------------- entry points
 
 
@@ -506,6 +677,7 @@ def validate_config(config, *, num_devices=None, process_count=None):
     process_count = jax.process_count()
   axes = _check_mesh(config, p, num_devices, process_count)
   _check_expert_parallel(config, p, axes, moe_layers)
+  _check_groups(config, p, axes, model)
   if p.lines:
     raise ConfigError(p.lines)
 

@@ -36,20 +36,43 @@ class JsonlWriter:
     self._file = None
 
   def truncate_after(self, step):
+    """Drops the records of steps after `step` and the lines a kill cut
+    short. The file is rewritten (through `<path>.tmp` and a rename) only
+    when something changes.
+
+    Raises:
+      OSError: naming this file, when it could not be rewritten (a full
+        disk); the file is then as it was and the temporary file is gone.
+    """
     if not os.path.exists(self.path):
       return
-    kept = []
+    kept, changed = [], False
     with open(self.path) as f:
       for line in f:
         try:
-          if json.loads(line)["step"] <= step:
-            kept.append(line)
+          keep = json.loads(line)["step"] <= step
         except (ValueError, KeyError, TypeError):
-          continue  # a line cut short by a kill
+          keep = False  # a line cut short by a kill
+        if keep and not line.endswith("\n"):
+          line += "\n"  # complete, but the next record must not join it
+          changed = True
+        if keep:
+          kept.append(line)
+        else:
+          changed = True
+    if not changed:
+      return
     tmp = self.path + ".tmp"
-    with open(tmp, "w") as f:
-      f.writelines(kept)
-    os.replace(tmp, self.path)
+    try:
+      with open(tmp, "w") as f:
+        f.writelines(kept)
+      os.replace(tmp, self.path)
+    except OSError as e:
+      try:
+        os.remove(tmp)
+      except OSError:
+        pass
+      raise OSError(e.errno, e.strerror, self.path) from e
 
   def write(self, step, metrics):
     if self._file is None:

@@ -337,10 +337,10 @@ def test_loop_fields():
   _one(c, "inject_nan_steps", "'x' is not an integer")
   c = lm()
   c.optimizer.warmup_steps = 100  # 6 steps
-  _one(c, "optimizer.warmup_steps", "100", "[0, 6]")
+  _one(c, "optimizer.warmup_steps", "100", "[0, 5]")
   c = lm()
   c.optimizer.learning_rate = 0.0
-  _one(c, "optimizer.learning_rate", "(0, inf]")
+  _one(c, "optimizer.learning_rate", "(0, inf)")  # inf itself is refused
 
 
 def test_every_problem_is_listed_at_once():

@@ -45,6 +45,10 @@ def test_schedule_warmup_then_cosine_to_the_end_fraction():
   assert 0.1 < float(s(55)) < 1.0
   with pytest.raises(ValueError, match="warmup_steps"):
     optim.make_schedule(learning_rate=1.0, total_steps=5, warmup_steps=6)
+  # A warmup as long as the run leaves the cosine no step (optax refuses).
+  with pytest.raises(ValueError, match=r"warmup_steps must be in \[0, "
+                     r"total_steps=5\)"):
+    optim.make_schedule(learning_rate=1.0, total_steps=5, warmup_steps=5)
 
 
 TOP2 = {"router": {"name": "token_choice", "k": 2},
