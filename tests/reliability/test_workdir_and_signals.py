@@ -56,6 +56,17 @@ def env(tmp_path_factory):
   return env
 
 
+# The app as a user's terminal starts it: SIGINT at its default. A test run
+# in the background of a non-interactive shell (nohup, `make test &`)
+# inherits SIGINT ignored, which the app rightly keeps ignored; so the child
+# resets it before exec'ing Python (a disposition set to SIG_DFL survives
+# exec), without a preexec_fn in this multithreaded process.
+APP = [sys.executable, "-c",
+       "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+       "os.execv(sys.executable, [sys.executable] + sys.argv[1:])",
+       "-m", "experiments.train"]
+
+
 class Run:
   """One experiments/train.py process; its output goes to files."""
 
@@ -67,8 +78,7 @@ class Run:
              if f.startswith(os.path.basename(self.workdir) + ".out")])
     self.out_path = f"{self.workdir}.out{n}"
     self.err_path = f"{self.workdir}.err{n}"
-    cmd = [sys.executable, "-m", "experiments.train", SMOKE,
-           f"--workdir={self.workdir}", *flags]
+    cmd = [*APP, SMOKE, f"--workdir={self.workdir}", *flags]
     with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
       self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
                                    stderr=err)
@@ -430,7 +440,7 @@ def _launch_two(env, tmp_path, workdir, tag, *flags):
     log = tmp_path / f"{tag}{pid}.log"
     with open(log, "w") as f:
       procs.append(subprocess.Popen(
-          [sys.executable, "-m", "experiments.train", SMOKE,
+          [*APP, SMOKE,
            f"--workdir={workdir}", "--config.num_cpu_devices=2",
            "--config.data.validation_fraction=0.25", *flags],
           cwd=REPO, env=penv, stdout=f, stderr=subprocess.STDOUT))
