@@ -2,10 +2,8 @@
 and what is allowed, and comes before anything is compiled. Also the
 changed-config check of a resume (which fields may change)."""
 
-import importlib.util
 import os
 
-import jax
 import ml_collections
 import pytest
 
@@ -13,30 +11,20 @@ from moejax import train
 from moejax.train import loop
 from moejax.train import validation
 
+import config_checks  # tests/reliability/config_checks.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 
 
-def _config_module(name):
-  path = os.path.join(REPO, "experiments", "configs", f"{name}.py")
-  spec = importlib.util.spec_from_file_location(name, path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module
-
-
-def lm(arg="size=smoke"):
-  return _config_module("lm_stdlib").get_config(arg)
+_config_module = config_checks.config_module
+lm = config_checks.lm
 
 
 def vit(arg="size=smoke"):
   return _config_module("vit_digits").get_config(arg)
 
 
-def _problems(config, num_devices=8):
-  with pytest.raises(train.ConfigError) as info:
-    validation.validate_config(config, num_devices=num_devices,
-                               process_count=1)
-  return info.value.problems
+_problems = config_checks.problems
 
 
 def _router(config, **options):
@@ -48,15 +36,7 @@ def _router(config, **options):
   return config
 
 
-def _one(config, field, *fragments, num_devices=8):
-  """Exactly one problem, about `field`, containing every fragment."""
-  problems = _problems(config, num_devices)
-  assert len(problems) == 1, problems
-  text = problems[0]
-  assert text.startswith(f"config.{field}="), text
-  for fragment in fragments:
-    assert fragment in text, (fragment, text)
-  return text
+_one = config_checks.one
 
 
 @pytest.mark.parametrize("arg", ["size=smoke", "", "dense", "router=top1",
@@ -228,22 +208,7 @@ def test_old_flat_moe_config_names_where_each_field_moved():
   ]), problems
 
 
-def _compiles(fn):
-  """Runs fn(); returns the compilation events it caused (lowering or
-  backend compiles; validation traces the model abstractly, which is not
-  compiling)."""
-  compiled = []
-
-  def listen(event, duration, **kwargs):
-    del duration, kwargs
-    if "compile" in event and "jaxpr_trace" not in event:
-      compiled.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    fn()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-  return compiled
+_compiles = config_checks.compiles
 
 
 @pytest.mark.parametrize("arg,setting,field,fragments", [

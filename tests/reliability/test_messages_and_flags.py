@@ -8,14 +8,12 @@ listener); real `experiments/train.py` processes for exit statuses, stdout
 against stderr, and reruns of a workdir. All on the smoke LM config.
 """
 
-import importlib.util
 import json
 import os
 import shutil
 import subprocess
 import sys
 
-import jax
 import ml_collections
 import pytest
 
@@ -23,35 +21,20 @@ from moejax import train
 from moejax.train import validation
 from moejax.train import writers
 
+import config_checks  # tests/reliability/config_checks.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 SMOKE = "--config=experiments/configs/lm_stdlib.py:size=smoke"
 
 
-def lm(arg="size=smoke"):
-  path = os.path.join(REPO, "experiments", "configs", "lm_stdlib.py")
-  spec = importlib.util.spec_from_file_location("lm_stdlib", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)
-  return module.get_config(arg)
-
-
-def _problems(config, num_devices):
-  with pytest.raises(train.ConfigError) as info:
-    validation.validate_config(config, num_devices=num_devices,
-                               process_count=1)
-  return info.value.problems
+lm = config_checks.lm
+_problems = config_checks.problems
 
 
 def _one(config, field, *fragments, num_devices=1):
-  """Exactly one problem, about `field`, containing every fragment."""
-  problems = _problems(config, num_devices)
-  assert len(problems) == 1, problems
-  text = problems[0]
-  assert text.startswith(f"config.{field}="), text
-  for fragment in fragments:
-    assert fragment in text, (fragment, text)
-  return text
+  return config_checks.one(config, field, *fragments,
+                           num_devices=num_devices)
 
 
 def _valid(config, num_devices=1):
@@ -140,19 +123,7 @@ def test_groups_must_split_over_the_token_devices_with_expert_parallelism():
   _valid(c, num_devices=8)
 
 
-def _compiles(fn):
-  compiled = []
-
-  def listen(event, duration, **kwargs):
-    del duration, kwargs
-    if "compile" in event and "jaxpr_trace" not in event:
-      compiled.append(event)
-  jax.monitoring.register_event_duration_secs_listener(listen)
-  try:
-    fn()
-  finally:
-    jax.monitoring.unregister_event_duration_listener(listen)
-  return compiled
+_compiles = config_checks.compiles
 
 
 def test_group_size_error_comes_before_anything_compiles(tmp_path):
