@@ -38,6 +38,8 @@ from moejax.train import checkpoint as ckpt_lib
 from moejax.train import loop
 from moejax.train import state as state_lib
 
+import app_runs  # tests/reliability/app_runs.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 sys.path.insert(0, REPO)
 from experiments.configs import lm_stdlib  # noqa: E402  pylint: disable=g-import-not-at-top
@@ -101,13 +103,7 @@ def _state_step(step_dir):
     return int(ckptr.restore(os.path.join(step_dir, "state"))["step"])
 
 
-def _tree_bytes(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(root, f)
-      out[os.path.relpath(path, directory)] = open(path, "rb").read()
-  return out
+_tree_bytes = app_runs.tree_bytes
 
 
 def _flip_num_experts(step_dir):

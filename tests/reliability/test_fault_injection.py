@@ -17,13 +17,14 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 
 import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
 from moejax.train import writers
+
+import app_runs  # tests/reliability/app_runs.py
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 STEPS = 40
@@ -49,67 +50,12 @@ def env(tmp_path_factory):
               MOEJAX_DATA_DIR=str(base / "data"))
 
 
-class Run:
-  """One experiments/train.py process, output in files (no pipe stalls)."""
+class Run(app_runs.AppRun):
+  """One experiments/train.py process (BASE flags), output in files."""
 
   def __init__(self, env, workdir, *flags, prefix=()):
-    self.workdir = str(workdir)
-    os.makedirs(os.path.dirname(self.workdir), exist_ok=True)
-    n = len([f for f in os.listdir(os.path.dirname(self.workdir))
-             if f.startswith(os.path.basename(self.workdir) + ".out")])
-    self.out_path = f"{self.workdir}.out{n}"
-    self.err_path = f"{self.workdir}.err{n}"
-    cmd = [*prefix, sys.executable, "-m", "experiments.train", *BASE,
-           f"--workdir={self.workdir}", *flags]
-    with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-      self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
-                                   stderr=err, text=True)
-
-  def wait(self, timeout=300):
-    self.proc.wait(timeout=timeout)
-    return self
-
-  @property
-  def rc(self):
-    return self.proc.returncode
-
-  @property
-  def stdout(self):
-    return open(self.out_path).read()
-
-  @property
-  def stderr(self):
-    return open(self.err_path).read()
-
-  def stopped_line(self):
-    lines = [l for l in self.stderr.splitlines()
-             if l.startswith("training stopped: ")]
-    assert len(lines) == 1, self.stderr[-3000:]
-    return lines[0][len("training stopped: "):]
-
-  def ok(self):
-    self.wait()
-    assert self.rc == 0, self.stdout[-2000:] + self.stderr[-4000:]
-    return self
-
-  def wait_for_step(self, step, timeout=300):
-    """Blocks until metrics.jsonl holds a record of `step` or later."""
-    path = os.path.join(self.workdir, "metrics.jsonl")
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      if self.proc.poll() is not None:
-        raise AssertionError(f"exited ({self.rc}) before step {step}:\n"
-                             + self.stdout[-2000:] + self.stderr[-3000:])
-      if os.path.exists(path):
-        steps = [r.get("step", 0) for r in writers.read_jsonl(path)]
-        if steps and max(steps) >= step:
-          return max(steps)
-      time.sleep(0.01)
-    raise AssertionError(f"no step {step} after {timeout} s")
-
-  def signal(self, sig):
-    self.proc.send_signal(sig)
-    return self.wait()
+    super().__init__(env, workdir, *flags, cmd=[
+        *prefix, sys.executable, "-m", "experiments.train", *BASE])
 
 
 def _train_records(workdir):
@@ -325,20 +271,8 @@ def test_read_only_checkpoint_directory_and_workdir(env, straight, tmp_path):
   assert "mesh" not in out.read_text()  # stopped before building anything
 
 
-def _tree_bytes(directory):
-  out = {}
-  for root, _, files in os.walk(directory):
-    for f in files:
-      path = os.path.join(root, f)
-      out[os.path.relpath(path, directory)] = open(path, "rb").read()
-  return out
-
-
-def _stopped(stderr):
-  lines = [l for l in stderr.splitlines()
-           if l.startswith("training stopped: ")]
-  assert len(lines) == 1, stderr[-3000:]
-  return lines[0][len("training stopped: "):]
+_tree_bytes = app_runs.tree_bytes
+_stopped = app_runs.stopped
 
 
 @needs_mounts

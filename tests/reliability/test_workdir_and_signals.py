@@ -28,6 +28,8 @@ import pytest
 
 from moejax.train import writers
 
+import app_runs  # tests/reliability/app_runs.py
+
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(
     __file__))))
 SMOKE = "--config=experiments/configs/lm_stdlib.py:size=smoke"
@@ -67,85 +69,15 @@ APP = [sys.executable, "-c",
        "-m", "experiments.train"]
 
 
-class Run:
-  """One experiments/train.py process; its output goes to files."""
+class Run(app_runs.AppRun):
+  """One experiments/train.py process of the smoke config (SIGINT at its
+  default, see APP); its output goes to files."""
 
   def __init__(self, env, workdir, *flags):
-    self.workdir = str(workdir)
-    parent = os.path.dirname(self.workdir)
-    os.makedirs(parent, exist_ok=True)
-    n = len([f for f in os.listdir(parent)
-             if f.startswith(os.path.basename(self.workdir) + ".out")])
-    self.out_path = f"{self.workdir}.out{n}"
-    self.err_path = f"{self.workdir}.err{n}"
-    cmd = [*APP, SMOKE, f"--workdir={self.workdir}", *flags]
-    with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-      self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=out,
-                                   stderr=err)
-    self.pid = self.proc.pid
-
-  def wait(self, timeout=300):
-    self.proc.wait(timeout=timeout)
-    return self
-
-  @property
-  def rc(self):
-    return self.proc.returncode
-
-  @property
-  def stdout(self):
-    return open(self.out_path).read()
-
-  @property
-  def stderr(self):
-    return open(self.err_path).read()
-
-  def tails(self):
-    return (f"rc={self.rc}\n--- stdout ---\n{self.stdout[-2000:]}\n"
-            f"--- stderr ---\n{self.stderr[-4000:]}")
-
-  def stopped_line(self):
-    return _stopped(self.stderr)
-
-  def ok(self):
-    self.wait()
-    assert self.rc == 0, self.tails()
-    return self
-
-  def wait_for(self, predicate, what, timeout=300, every=0.01):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-      if self.proc.poll() is not None:
-        raise AssertionError(f"exited before {what}:\n{self.tails()}")
-      if predicate():
-        return
-      time.sleep(every)
-    raise AssertionError(f"no {what} after {timeout} s")
-
-  def wait_for_step(self, step, timeout=300):
-    """Blocks until metrics.jsonl holds a record of `step` or later."""
-    path = os.path.join(self.workdir, "metrics.jsonl")
-
-    def reached():
-      if not os.path.exists(path):
-        return False
-      steps = [r.get("step", 0) for r in writers.read_jsonl(path)]
-      return bool(steps) and max(steps) >= step
-    self.wait_for(reached, f"step {step}", timeout)
-    return max(r["step"] for r in writers.read_jsonl(path))
-
-  def kill(self):
-    if self.proc.poll() is None:
-      self.proc.kill()
-      self.proc.wait()
+    super().__init__(env, workdir, *flags, cmd=[*APP, SMOKE])
 
 
-def _stopped(stderr):
-  """The message of the one `training stopped:` line of stderr."""
-  lines = [l for l in stderr.splitlines()
-           if l.startswith("training stopped: ")]
-  assert len(lines) == 1, stderr[-4000:]
-  return lines[0][len("training stopped: "):]
+_stopped = app_runs.stopped
 
 
 def _clean(run):
