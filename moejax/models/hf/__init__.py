@@ -10,3 +10,4 @@ from moejax.models.hf.decoder import HFDecoder
 from moejax.models.hf.load import CheckpointError
 from moejax.models.hf.load import from_pretrained
 from moejax.models.hf.save import save_pretrained
+from moejax.models.hf.describe import describe

@@ -157,7 +157,7 @@ def _rope(f, dim, *, interleaved=False):
   theta = params.pop("rope_theta", None) or f.get("rope_theta", 10000.0)
   kind = params.pop("rope_type", None) or params.pop("type", None) or "default"
   if kind not in ("default", "linear", "yarn"):
-    raise UnsupportedConfig("rope_type", kind, f"rope type {kind!r} is not "
+    raise UnsupportedConfig("rope_type", kind, f"rope_type={kind!r} is not "
                             f"supported; supported: default, linear, yarn")
   partial = params.pop("partial_rotary_factor", 1.0)
   if partial != 1.0:

@@ -111,8 +111,8 @@ def from_pretrained(path, *, dtype=None, mesh=None):
         if fname not in handles:
           handles[fname] = safe_open(fname, "np")
         arrays.append(handles[fname].get_tensor(name))
-      values = entry.to_jax(arrays) if _shapes_ok(entry, arrays, model) \
-          else None
+      _check_shapes(entry, arrays, model)
+      values = entry.to_jax(arrays)
       for p, value in zip(entry.paths, values):
         var = variable_at(model, p)
         if tuple(value.shape) != tuple(var.shape):
@@ -146,15 +146,15 @@ def _fill_unmapped(model, mesh):
                                _sharding(var, mesh))
 
 
-def _shapes_ok(entry, arrays, model):
-  """Checks the HF tensors' sizes before the layout functions reshape them:
-  a mis-shaped tensor is named, not reported as a failed reshape."""
-  want = sum(int(np.prod(variable_at(model, p).shape)) for p in entry.paths)
-  have = sum(int(a.size) for a in arrays)
-  if want != have:
-    shapes = {n: tuple(a.shape) for n, a in zip(entry.hf_names, arrays)}
-    bad = next(iter(shapes)) if len(shapes) == 1 else shapes
-    raise CheckpointError(f"tensor {bad!r} has shape "
-                          f"{shapes[next(iter(shapes))]}: {have} values for "
-                          f"{entry.paths} which take {want}")
-  return True
+def _check_shapes(entry, arrays, model):
+  """Names a checkpoint tensor whose shape is not the one this config's
+  model needs (found by laying zero-stride stand-ins of the variables out
+  as transformers does), before any reshape could hide it."""
+  stand_ins = [np.broadcast_to(np.zeros((), np.float32),
+                               variable_at(model, p).shape)
+               for p in entry.paths]
+  expected = [tuple(x.shape) for x in entry.to_hf(stand_ins)]
+  for name, array, want in zip(entry.hf_names, arrays, expected):
+    if tuple(array.shape) != want:
+      raise CheckpointError(f"tensor {name!r} has shape "
+                            f"{tuple(array.shape)}; this config needs {want}")
