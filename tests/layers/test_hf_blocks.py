@@ -73,7 +73,7 @@ def _family(family, fields, p):
   f = fields
   e = f.get("num_local_experts") or f.get("num_experts") or f.get(
       "n_routed_experts")
-  k = f["num_experts_per_tok"]
+  k = f.get("num_experts_per_tok", 1)   # Switch: top-1
   swiglu = lambda h, **kw: {"num_experts": e, "hidden_dim": h,
                             "activation": "swiglu", **kw}
   if family in ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "granitemoe"):
@@ -150,6 +150,15 @@ def _family(family, fields, p):
               "experts.w_out_EHM": np.swapaxes(p["output_linear.weight"], 1, 2),
               "b_out_M": p["bias"]}
     return config, params
+  if family == "switch":
+    stack = lambda name: np.stack([p[f"experts.expert_{i}.{name}.weight"].T
+                                   for i in range(f["num_experts"])])
+    config = {"router": {"name": "token_choice", "k": 1, "gating": "softmax"},
+              "experts": {"num_experts": f["num_experts"],
+                          "hidden_dim": f["d_ff"], "activation": "relu"}}
+    params = {"router.w_router_ME": p["router.classifier.weight"].T,
+              "experts.w_in_EMH": stack("wi"), "experts.w_out_EHM": stack("wo")}
+    return config, params
   raise KeyError(family)
 
 
@@ -183,7 +192,8 @@ def _layer(family, engine, seq_len):
 
 
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
-            "deepseek_v2", "gpt_oss", "llama4", "jetmoe", "granitemoe")
+            "deepseek_v2", "gpt_oss", "llama4", "jetmoe", "granitemoe",
+            "switch")
 
 
 # ragged_dot is the dropless engine with another grouped matmul: checked on
@@ -198,6 +208,18 @@ def test_block_matches_transformers(family, engine):
   layer, x, y, _ = _layer(family, engine, seq_len=6)
   got, _ = _run(layer, jnp.asarray(x))
   np.testing.assert_allclose(np.asarray(got), y, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("engine", ["einsum", "indices"])
+def test_switch_drops_like_transformers(engine):
+  """Switch with expert_capacity 2 per sequence (S=6, E=4): the same tokens
+  are dropped (token order within a sequence = moejax's group order)."""
+  layer, x, _, _ = _layer("switch", engine, seq_len=2)
+  y2 = np.load(os.path.join(FIXTURES, "switch.npz"))["y_capacity2_BLM"]
+  got, aux = _run(layer, jnp.asarray(x))
+  np.testing.assert_allclose(np.asarray(got), y2, rtol=1e-5, atol=1e-5)
+  assert (np.abs(y2).sum(-1) == 0).any()     # the fixture does drop tokens
+  assert float(aux.metrics.dropped_fraction) > 0
 
 
 def test_fixtures_are_small_and_biases_nonzero():
