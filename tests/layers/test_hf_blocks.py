@@ -341,7 +341,6 @@ def test_weights_on_input_hand_computed(engine):
   silu = lambda v: v / (1 + math.exp(-v))
   np.testing.assert_allclose(float(y[0, 0, 0]), silu(1.0), rtol=1e-6)
   layer.router.weights_on = "output"
-  layer.weights_on = "output"
   y_out, _ = _run(layer, jnp.array([[[2.0]]]))
   np.testing.assert_allclose(float(y_out[0, 0, 0]), silu(2.0), rtol=1e-6)
   assert float(aux.losses["load_balance"]) > 0
