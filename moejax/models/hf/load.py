@@ -94,7 +94,8 @@ def from_pretrained(path, *, dtype=None, mesh=None):
     raise CheckpointError(f"checkpoint {path} lacks tensor {missing[0]!r}"
                           + (f" (and {len(missing) - 1} more)"
                              if len(missing) > 1 else ""))
-  unexpected = sorted(set(files) - wanted)
+  unexpected = sorted(n for n in set(files) - wanted
+                      if not _is_mtp(spec, n))
   if unexpected:
     raise CheckpointError(f"checkpoint {path} has unexpected tensor "
                           f"{unexpected[0]!r}" + (
@@ -126,6 +127,19 @@ def from_pretrained(path, *, dtype=None, mesh=None):
     del values
   _fill_unmapped(model, mesh)
   return model
+
+
+def _is_mtp(spec, name):
+  """DeepSeek-V3's multi-token-prediction layers follow the decoder's
+  (model.layers.{L + i}); a forward pass does not use them and transformers
+  skips them too."""
+  extra = spec.hf.get("num_nextn_predict_layers") or 0
+  if spec.model_type != "deepseek_v3" or not extra:
+    return False
+  parts = name.split(".")
+  return (len(parts) > 2 and parts[:2] == ["model", "layers"]
+          and parts[2].isdigit()
+          and spec.num_layers <= int(parts[2]) < spec.num_layers + extra)
 
 
 def _fill_unmapped(model, mesh):
