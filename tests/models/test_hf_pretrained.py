@@ -230,3 +230,37 @@ def test_unsupported_family_option_is_named(tmp_path):
                       config=lambda c: c.update(topk_method="greedy"))
   with pytest.raises(hf.UnsupportedConfig, match="topk_method"):
     from_pretrained(path)
+
+
+# ---- placement and dtype ----------------------------------------------------
+
+
+def test_mesh_places_each_tensor_on_its_sharding():
+  from moejax.sharding import make_mesh  # pylint: disable=g-import-not-at-top
+  mesh = make_mesh({"expert": 4, "tensor": 2})  # 8 virtual CPU devices
+  model = from_pretrained(os.path.join(FIXTURES, "mixtral"), mesh=mesh)
+  w = hf.load.variable_at(model, "blocks.0.ffn.experts.w_in_EMH").value
+  assert w.sharding.spec[0] == "expert"            # [E=4, M, H] over experts
+  assert w.sharding.spec[2] == "tensor"
+  assert len(w.sharding.device_set) == 8
+  logits_BLV, _, d = real_logits(model, "mixtral")
+  mask_BL = d["mask_BL"]
+  np.testing.assert_allclose(logits_BLV[mask_BL], d["logits_BLV"][mask_BL],
+                             atol=1e-4, rtol=0)
+
+
+def test_bfloat16_load_casts_weights_but_keeps_routers_float32():
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  model = from_pretrained(os.path.join(FIXTURES, "gpt_oss"),
+                          dtype=jnp.bfloat16)
+  at = lambda p: hf.load.variable_at(model, p).value.dtype
+  assert at("blocks.0.attention.w_q_MND") == jnp.bfloat16
+  assert at("blocks.0.ffn.experts.w_in_EMH") == jnp.bfloat16
+  assert at("blocks.0.ffn.router.w_router_ME") == jnp.float32
+  assert at("blocks.0.attention.sinks_N") == jnp.float32
+  logits_BLV, _, d = real_logits(model, "gpt_oss")
+  mask_BL = d["mask_BL"]
+  assert logits_BLV.dtype == np.float32
+  # bfloat16 weights and activations: close to float32, not equal.
+  err = np.abs(logits_BLV - d["logits_BLV"])[mask_BL]
+  assert err.max() < 0.05 * np.abs(d["logits_BLV"][mask_BL]).max()  # ~1%
