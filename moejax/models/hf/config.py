@@ -93,6 +93,9 @@ class ModelSpec:
   ffn_kinds: Tuple[str, ...]
   windows: Tuple[Optional[int], ...]
   hf: Mapping[str, Any]
+  embed_scale: float = 1.0      # Granite: embeddings x embedding_multiplier
+  residual_scale: float = 1.0   # Granite: x += branch * residual_multiplier
+  logits_scale: float = 1.0     # Granite: logits / logits_scaling
 
   @property
   def num_experts(self):
@@ -427,6 +430,23 @@ def parse_gpt_oss(f):
               windows=windows)
 
 
+def parse_granitemoe(f):
+  c = _common(f)
+  bias = bool(f.get("attention_bias", False))
+  att = dataclasses.replace(_gqa(f, qkv_bias=bias, o_bias=bias),
+                            scale=float(f.get("attention_multiplier", 1.0)))
+  moe = _moe(f.first("num_local_experts", "num_experts"), _k(f),
+             f.need("intermediate_size"),
+             {"name": "token_choice", "gating": "topk_softmax"})
+  return dict(c, attention=att, rope=_rope(f, att.head_dim),
+              dense_hidden_dim=0, moe=moe,
+              ffn_kinds=("moe",) * c["num_layers"],
+              windows=(None,) * c["num_layers"],
+              embed_scale=float(f.get("embedding_multiplier", 1.0)),
+              residual_scale=float(f.get("residual_multiplier", 1.0)),
+              logits_scale=float(f.get("logits_scaling", 1.0)))
+
+
 FAMILIES = {
     "mixtral": parse_mixtral,
     "olmoe": parse_olmoe,
@@ -435,6 +455,7 @@ FAMILIES = {
     "deepseek_v3": parse_deepseek_v3,
     "deepseek_v2": parse_deepseek_v2,
     "gpt_oss": parse_gpt_oss,
+    "granitemoe": parse_granitemoe,
 }
 
 

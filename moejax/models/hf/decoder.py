@@ -39,11 +39,12 @@ class HFBlock(nnx.Module):
       self.ffn = ffn_lib.DenseFFN(m, spec.dense_hidden_dim,
                                   activation="swiglu", **kw)
     self.dtype = dtype
+    self.residual_scale = spec.residual_scale
 
   def __call__(self, x_BLM, positions_BL, padding_mask_BL):
     h = self.attention(self.input_norm(x_BLM), positions_BL,
                        key_mask_BL=padding_mask_BL)
-    x_BLM = x_BLM + h.astype(self.dtype)
+    x_BLM = x_BLM + h.astype(self.dtype) * self.residual_scale
     h = self.post_attention_norm(x_BLM)
     aux = None
     if self.is_moe:
@@ -51,7 +52,7 @@ class HFBlock(nnx.Module):
                         deterministic=True)
     else:
       y = self.ffn(h)
-    return x_BLM + y.astype(self.dtype), aux
+    return x_BLM + y.astype(self.dtype) * self.residual_scale, aux
 
 
 class HFDecoder(nnx.Module):
@@ -107,6 +108,8 @@ class HFDecoder(nnx.Module):
     if padding_mask_BL is not None:
       padding_mask_BL = padding_mask_BL.astype(jnp.bool_)
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
+    if self.spec.embed_scale != 1.0:
+      x_BLM = x_BLM * self.spec.embed_scale
     auxes = []
     for block in self.blocks:
       x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
@@ -117,4 +120,7 @@ class HFDecoder(nnx.Module):
             else self.w_unembed_MV[...])
     logits_BLV = jnp.einsum("BLM,MV->BLV", h_BLM, w_MV.astype(self.dtype),
                             preferred_element_type=jnp.float32)
-    return logits_BLV.astype(jnp.float32), tfm.stack_aux(auxes)
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    if self.spec.logits_scale != 1.0:
+      logits_BLV = logits_BLV / self.spec.logits_scale
+    return logits_BLV, tfm.stack_aux(auxes)
