@@ -112,6 +112,25 @@ def test_save_load_round_trip_is_bitwise(name, tmp_path):
     assert json.load(f)["model_type"] == model.spec.model_type
 
 
+def test_sharded_save_round_trip(tmp_path):
+  model = load("qwen3_moe")
+  out = save_pretrained(model, str(tmp_path / "q"), max_shard_bytes=100_000)
+  shards = sorted(f for f in os.listdir(out) if f.endswith(".safetensors"))
+  assert len(shards) > 2 and shards[0] == "model-00001-of-%05d.safetensors" % (
+      len(shards))
+  original = read_tensors(os.path.join(FIXTURES, "qwen3_moe"))
+  saved = read_tensors(out)
+  assert sorted(saved) == sorted(original)
+  for key, value in original.items():
+    np.testing.assert_array_equal(saved[key], value, err_msg=key)
+  # Saving again unsharded into the same directory leaves no stale index.
+  save_pretrained(from_pretrained(out), out)
+  assert sorted(os.listdir(out)) == ["config.json", "model.safetensors"]
+  for x, y in zip(jax.tree.leaves(nnx.state(model)),
+                  jax.tree.leaves(nnx.state(from_pretrained(out)))):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
 @pytest.mark.parametrize("name", ("mixtral", "deepseek_v3", "gpt_oss"))
 def test_greedy_decoding_matches_transformers_generate(name):
   """Full-sequence greedy decoding (no cache yet) gives transformers' ids:
