@@ -216,9 +216,9 @@ def test_wrong_shape_is_named(tmp_path):
 
 
 def test_wrong_shape_of_the_same_size_is_named(tmp_path):
-  k = "model.layers.0.block_sparse_moe.experts.1.w2.weight"  # [64, 32]
+  k = "model.layers.0.block_sparse_moe.experts.1.w2.weight"  # [M=64, H=16]
   path = copy_fixture(tmp_path, tensors=lambda t: t.update(
-      {k: np.zeros((32, 64), np.float32)}))
+      {k: np.zeros((16, 64), np.float32)}))
   with pytest.raises(hf.CheckpointError, match="w2.weight"):
     from_pretrained(path)
 
