@@ -41,7 +41,7 @@ class HFBlock(nnx.Module):
     self.dtype = dtype
     self.residual_scale = spec.residual_scale
 
-  def __call__(self, x_BLM, positions_BL, padding_mask_BL):
+  def __call__(self, x_BLM, positions_BL, padding_mask_BL, deterministic):
     h = self.attention(self.input_norm(x_BLM), positions_BL,
                        key_mask_BL=padding_mask_BL)
     x_BLM = x_BLM + h.astype(self.dtype) * self.residual_scale
@@ -49,7 +49,7 @@ class HFBlock(nnx.Module):
     aux = None
     if self.is_moe:
       y, aux = self.ffn(h, padding_mask_BL=padding_mask_BL,
-                        deterministic=True)
+                        deterministic=deterministic)
     else:
       y = self.ffn(h)
     return x_BLM + y.astype(self.dtype) * self.residual_scale, aux
@@ -83,7 +83,8 @@ class HFDecoder(nnx.Module):
         (nt.EMBED, nt.VOCAB), param_dtype))
 
   def __call__(self, tokens_BL, *, padding_mask_BL=None,
-               positions_BL: Optional[jnp.ndarray] = None):
+               positions_BL: Optional[jnp.ndarray] = None,
+               deterministic: Optional[bool] = True):
     """Next-token logits.
 
     Args:
@@ -93,6 +94,8 @@ class HFDecoder(nnx.Module):
         padded positions are meaningless.
       positions_BL: optional <int32>[B, L] positions (default 0..L-1 in
         every row, as transformers gives a right-padded batch).
+      deterministic: passed to the MoE layers (True: evaluation; None:
+        each layer's own attribute, for fine-tuning after model.train()).
     Returns:
       (logits_BLV <float32>[B, L, V], aux): the MoE layers' MoEAux stacked
       along a leading axis in layer order, or None without MoE layers.
@@ -112,7 +115,7 @@ class HFDecoder(nnx.Module):
       x_BLM = x_BLM * self.spec.embed_scale
     auxes = []
     for block in self.blocks:
-      x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
+      x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL, deterministic)
       if aux is not None:
         auxes.append(aux)
     h_BLM = self.final_norm(x_BLM)
