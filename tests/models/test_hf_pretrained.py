@@ -301,3 +301,16 @@ def test_loaded_model_is_differentiable():
   assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
   sinks = hf.load.variable_at(grads, "blocks.0.attention.sinks_N")
   assert np.abs(np.asarray(sinks.value)).max() > 0
+
+
+@pytest.mark.parametrize("name", ("deepseek_v3", "mixtral"))
+def test_transformers4_rope_fields_read_the_same(tmp_path, name):
+  """Hub configs written by transformers 4 carry rope_theta + rope_scaling
+  ({'type': 'yarn', ...}) instead of rope_parameters: same model."""
+  def to_v4(c):
+    rope = dict(c.pop("rope_parameters"))
+    c["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    c["rope_scaling"] = None if kind == "default" else dict(rope, type=kind)
+  path = copy_fixture(tmp_path, name, config=to_v4)
+  assert from_pretrained(path).spec.rope == load(name).spec.rope
