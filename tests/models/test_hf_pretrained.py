@@ -23,7 +23,8 @@ from moejax.models import hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
-            "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe")
+            "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe",
+            "glm4_moe")
 
 
 @functools.cache

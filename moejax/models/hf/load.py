@@ -130,11 +130,13 @@ def from_pretrained(path, *, dtype=None, mesh=None):
 
 
 def _is_mtp(spec, name):
-  """DeepSeek-V3's multi-token-prediction layers follow the decoder's
+  """DeepSeek-V3's and GLM-4-MoE's multi-token-prediction layers follow the
+  decoder's
   (model.layers.{L + i}); a forward pass does not use them and transformers
   skips them too."""
-  extra = spec.hf.get("num_nextn_predict_layers") or 0
-  if spec.model_type != "deepseek_v3" or not extra:
+  extra = (spec.hf.get("num_nextn_predict_layers")
+           or spec.hf.get("num_mtp_layers") or 0)
+  if spec.model_type not in ("deepseek_v3", "glm4_moe") or not extra:
     return False
   parts = name.split(".")
   return (len(parts) > 2 and parts[:2] == ["model", "layers"]

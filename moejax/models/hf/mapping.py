@@ -182,7 +182,7 @@ def _moe(spec, p, hf):
   out = [_router(f"{p}.router.w_router_ME", f"{hf}.gate.weight")]
   out += _experts(f"{p}.experts", f"{hf}.experts", e, "gate_proj",
                   "up_proj", "down_proj")
-  if t == "deepseek_v3":
+  if t in ("deepseek_v3", "glm4_moe"):
     out.append(_same(f"{p}.router.bias_E",
                      f"{hf}.gate.e_score_correction_bias"))
   shared = spec.moe.get("shared")
