@@ -133,7 +133,7 @@ def test_sharded_save_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", ("mixtral", "deepseek_v3", "gpt_oss"))
+@pytest.mark.parametrize("name", ("deepseek_v3", "gpt_oss"))  # MLA; sinks+window
 def test_greedy_decoding_matches_transformers_generate(name):
   """Full-sequence greedy decoding (no cache yet) gives transformers' ids:
   one right-padded [1, 14] buffer, so one compilation; causal attention and
