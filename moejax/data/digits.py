@@ -129,6 +129,7 @@ def prepare_sklearn_digits(
   common.ensure_writable_dir(data_dir)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if rebuild
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  _require_sklearn()
   common.announce(f"building the sklearn digits into {builder.data_dir} "
                   "(1797 images)")
   # The builder's file format (array_record) is set at construction; passing
@@ -139,6 +140,18 @@ def prepare_sklearn_digits(
             try_download_gcs=False, download_mode=mode))
   integrity.write_manifest(os.fspath(builder.data_dir))
   return builder
+
+
+def _require_sklearn() -> None:
+  """Raises ImportError naming the extra when scikit-learn is missing (only
+  a build needs it; a prepared dataset is read without it)."""
+  try:
+    import sklearn  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError(
+        f"building the {SKLEARN_DIGITS} dataset needs scikit-learn (it "
+        "bundles the digits): pip install 'moejax[digits]' (or pip install "
+        "scikit-learn)") from e
 
 
 def rebuild_command(data_dir: str) -> str:

@@ -71,3 +71,12 @@ def test_quiet_tfds_restores_what_it_changes():
   assert sys.stdout is stdout
   assert absl_logger.filters == filters
   assert tqdm_utils._active == bars  # pylint: disable=protected-access
+
+
+def test_digits_without_scikit_learn_names_the_extra(tmp_path, monkeypatch):
+  import pytest  # pylint: disable=g-import-not-at-top
+  from moejax import data  # pylint: disable=g-import-not-at-top
+  monkeypatch.setitem(sys.modules, "sklearn", None)  # as if not installed
+  with pytest.raises(ImportError, match=r"pip install 'moejax\[digits\]'"):
+    data.prepare_sklearn_digits(str(tmp_path / "data"))
+  assert not (tmp_path / "data" / "sklearn_digits" / "1.0.0").exists()
