@@ -87,7 +87,7 @@ def count_params(model):
               active=int(round(total - experts + experts_active)),
               embedding=_embedding_params(model), experts=int(experts),
               experts_active=int(round(experts_active)),
-              num_moe_layers=len(moe_layers))
+              num_moe_layers=len(getattr(model, "moe_layers", moe_layers)))
 
 
 def _attention_flops(attn, seq_len):
