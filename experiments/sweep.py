@@ -886,7 +886,8 @@ def main(argv):
           mem_gb=_SLURM_MEM_GB.value,
           array_parallelism=_SLURM_ARRAY_PARALLELISM.value)
       status = sweep_slurm.run_sweep_slurm(runs, executor, log=log,
-                                           on_change=on_change)
+                                           on_change=on_change,
+                                           sweep=sys.modules[__name__])
     else:
       status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
                          keep_going=_KEEP_GOING.value, log=log,

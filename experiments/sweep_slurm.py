@@ -109,14 +109,20 @@ def make_executor(sweep_dir, *, cluster="slurm", partition=None,
 
 
 def run_sweep_slurm(runs, executor, *, log=print, on_change=None,
-                    poll_s=2.0):
+                    poll_s=2.0, sweep=None):
   """Submits the unfinished runs as one job array and waits for it.
 
   Returns {run name: 'finished' | 'skipped' | 'stopped' | 'failed (rc N)'
   | 'failed (<job error>)' | 'not run'}, as experiments.sweep.run_sweep.
-  SIGTERM/SIGINT cancel the jobs still running and raise SweepInterrupted.
+  SIGTERM/SIGINT cancel the jobs still running and raise
+  `sweep.SweepInterrupted`.
+
+  sweep: the experiments.sweep module the caller runs (its `__main__` when
+    run as the app, whose SweepInterrupted the app catches); default: the
+    imported one.
   """
-  from experiments import sweep  # pylint: disable=g-import-not-at-top
+  if sweep is None:
+    from experiments import sweep  # pylint: disable=g-import-not-at-top,redefined-outer-name
   status, queue = {}, []
   for run in runs:
     if sweep.is_finished(run):

@@ -96,3 +96,47 @@ def test_a_failing_run_is_reported_with_its_exit_status(tmp_path):
   assert status == {"bad": "failed (rc 2)"}, lines
   log = (tmp_path / "bad" / "train.log").read_text()
   assert "training stopped: --config.nope=1" in log, log
+
+
+@pytest.mark.slow
+def test_sigterm_cancels_the_jobs_which_save_and_resume(tmp_path):
+  """SIGTERM to the sweep cancels its array: the training gets SIGTERM,
+  saves the step it reached and exits; the same command resumes it."""
+  import signal  # pylint: disable=g-import-not-at-top
+  import time  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"),
+             JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
+             MOEJAX_DATA_DIR=str(tmp_path / "data"))
+  sweep_dir = tmp_path / "sweep"
+  cmd = [sys.executable, "-m", "experiments.sweep",
+         f"--config={LM}:size=smoke", f"--sweep_dir={sweep_dir}",
+         "--nofile_grid", "--sweep.seed=0", "--config.num_train_steps=5000",
+         "--config.checkpoint_every=5000", "--config.eval_every=0",
+         "--launcher=slurm", "--slurm_cluster=local"]
+  proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  log = sweep_dir / "seed=0" / "train.log"
+  deadline = time.monotonic() + 300
+  while not (log.exists() and "/5000 [" in log.read_text()):
+    assert proc.poll() is None, proc.stdout.read()
+    assert time.monotonic() < deadline, "no training step in 300 s"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGTERM)
+  out, _ = proc.communicate(timeout=300)
+  assert proc.returncode != 0, out
+  assert "cancelling 1 job(s)" in out and "interrupted" in out, out
+  text = log.read_text()
+  assert "training stopped:" in text and "SIGTERM" in text, text[-3000:]
+  saved = sorted(p.name for p in (sweep_dir / "seed=0" / "checkpoints")
+                 .iterdir() if p.name.isdigit())
+  assert saved, text[-3000:]
+  rows = sweep.read_csv(str(sweep_dir / "results.csv"))
+  assert [r["status"] for r in rows] == ["interrupted"]
+  # The same command resumes from the saved step (stopped again early).
+  again = subprocess.run(cmd + ["--config.stop_after_steps=" + str(
+      int(saved[-1]) + 1)], cwd=ROOT, env=env, capture_output=True,
+                         text=True, timeout=600)
+  assert again.returncode == 0, (again.stdout + again.stderr)[-4000:]
+  assert "[sweep] submitted seed=0" in again.stdout, again.stdout
+  assert f"(step {saved[-1]}," in log.read_text().split("resumed from")[-1]
