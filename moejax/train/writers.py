@@ -245,6 +245,20 @@ class MultiWriter:
       w.close()
 
 
+class _Tqdm(tqdm.tqdm):
+  """tqdm whose rate (and so ETA) is ours when set: measured from the
+  first step, not since construction (which includes compiling)."""
+
+  rate_override = None
+
+  @property
+  def format_dict(self):
+    d = super().format_dict
+    if self.rate_override:
+      d["rate"] = self.rate_override
+    return d
+
+
 class ProgressBar:
   """Training progress through tqdm: one updating bar on a terminal; on
   anything else (a log file, CI) a plain line every `every` steps, with no
@@ -271,11 +285,12 @@ class ProgressBar:
     self.every = every or max(self.total // 20, 1)
     self._start = time.monotonic()
     self._first = None  # (time, step) of the first update
+    self._drawn = -math.inf  # when the terminal bar was last drawn
     self._bar = None
     self._format = ("{l_bar}{bar:%d}| {n_fmt}/{total_fmt} "
                     "[{elapsed}<{remaining}{postfix}]" % width)
     if enabled and self.tty:
-      self._bar = tqdm.tqdm(
+      self._bar = _Tqdm(
           total=self.total, initial=self.initial, file=self.stream,
           unit="step", leave=True, mininterval=0.2, bar_format=self._format)
 
@@ -299,8 +314,11 @@ class ProgressBar:
     rate = self._rate(step, now)
     if self._bar is not None:
       self._bar.n = step
+      self._bar.rate_override = rate
       self._bar.set_postfix_str(self._fields(fields), refresh=False)
-      self._bar.refresh()
+      if now - self._drawn >= 0.1 or step >= self.total:
+        self._drawn = now  # a terminal redraw at most every 0.1 s
+        self._bar.refresh()
     elif step % self.every == 0 or step == self.total:
       line = tqdm.tqdm.format_meter(
           step, self.total, now - self._start, ascii=".#", unit="step",

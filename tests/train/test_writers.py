@@ -171,6 +171,21 @@ class _Terminal(io.StringIO):
     return True
 
 
+def test_terminal_eta_also_leaves_out_the_time_before_the_first_step(
+    monkeypatch):
+  now = [100.0]
+  monkeypatch.setattr(writers.time, "monotonic", lambda: now[0])
+  out = _Terminal()
+  bar = writers.ProgressBar(100, stream=out)
+  now[0] += 60.0
+  bar.update(1, {})
+  for step in range(2, 11):
+    now[0] += 0.5
+    bar.update(step, {})
+  last = out.getvalue().split("\r")[-1]
+  assert "10/100" in last and "<00:45" in last, last
+
+
 def test_progress_bar_on_a_terminal_updates_one_line():
   out = _Terminal()
   bar = writers.ProgressBar(4, stream=out)
