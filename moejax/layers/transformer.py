@@ -12,7 +12,6 @@ from typing import Optional
 
 from flax import nnx
 import jax
-from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from moejax import notation as nt
@@ -21,9 +20,6 @@ from moejax.layers import params as params_lib
 from moejax.layers import soft_moe as soft_moe_lib
 
 NORMS = ("rmsnorm", "layernorm")
-# The name TransformerBlock gives its MoE layer's output
-# (jax.ad_checkpoint.checkpoint_name), for remat policies that keep it.
-MOE_OUTPUT = "moe_output"
 
 
 def _check_int(name, value, minimum):
@@ -290,10 +286,27 @@ class TransformerBlock(nnx.Module):
     Returns:
       (<dtype>[B, L, M], MoEAux of the FFN, or None for a dense FFN).
     """
+    x_BLM = self.attend(x_BLM, padding_mask_BL=padding_mask_BL,
+                        segment_ids_BL=segment_ids_BL,
+                        positions_BL=positions_BL)
+    return self.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
+                             token_ids_BL=token_ids_BL,
+                             deterministic=deterministic)
+
+  def attend(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
+             positions_BL=None):
+    """The attention half: x + attention(norm(x)), <dtype>[B, L, M]."""
     x_BLM = x_BLM.astype(self.dtype)
-    x_BLM = x_BLM + self.attention(
+    return x_BLM + self.attention(
         self.attention_norm(x_BLM), padding_mask_BL=padding_mask_BL,
         segment_ids_BL=segment_ids_BL, positions_BL=positions_BL)
+
+  def feed_forward(self, x_BLM, *, padding_mask_BL=None, token_ids_BL=None,
+                   deterministic: Optional[bool] = None):
+    """The FFN half: (x + ffn(norm(x)) <dtype>[B, L, M], MoEAux or None).
+    Separate from attend() so a remat policy can recompute one half and
+    keep the other (DecoderLM's remat='save_moe_outputs')."""
+    x_BLM = x_BLM.astype(self.dtype)
     h_BLM = self.ffn_norm(x_BLM)
     aux = None
     if isinstance(self.ffn, soft_moe_lib.SoftMoELayer):
@@ -305,8 +318,6 @@ class TransformerBlock(nnx.Module):
                             deterministic=deterministic)
     else:
       y_BLM = self.ffn(h_BLM)
-    if aux is not None:
-      y_BLM = checkpoint_name(y_BLM, MOE_OUTPUT)
     return x_BLM + y_BLM.astype(self.dtype), aux
 
 

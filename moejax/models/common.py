@@ -6,7 +6,6 @@ import jax
 
 from moejax.layers import build as build_lib
 from moejax.layers import ffn as ffn_lib
-from moejax.layers import transformer as tfm
 
 
 def _check_int(name, value, minimum):
@@ -156,12 +155,16 @@ def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,
 #   full              keep only each block's input; recompute the rest
 #   save_dots         keep matmul outputs without a batch dimension
 #                     (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
-#   save_moe_outputs  keep nothing but the MoE layers' outputs (named
-#                     MOE_OUTPUT with jax.ad_checkpoint.checkpoint_name)
+#   save_moe_outputs  keep what the MoE layers computed (their dispatch,
+#                     experts and combine run once, outside the checkpoint)
+#                     and recompute everything else: attention and the
+#                     dense FFNs (their blocks fully rematerialised).
+#                     Naming the MoE output with checkpoint_name would save
+#                     nothing: a residual add needs no saved output, the
+#                     MoE's backward needs its internals.
 #   offload           move the save_dots values to pinned host memory instead
 #                     of keeping them on the device (GPU/TPU only)
 REMAT_POLICIES = ("none", "full", "save_dots", "save_moe_outputs", "offload")
-MOE_OUTPUT = tfm.MOE_OUTPUT
 
 
 def check_remat(remat):
@@ -175,12 +178,10 @@ def remat_policy(remat):
   which saves nothing; not called for 'none')."""
   cp = jax.checkpoint_policies
   check_remat(remat)
-  if remat == "full":
+  if remat in ("full", "save_moe_outputs"):
     return None
   if remat == "save_dots":
     return cp.dots_with_no_batch_dims_saveable
-  if remat == "save_moe_outputs":
-    return cp.save_only_these_names(MOE_OUTPUT)
   if remat == "offload":
     return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
   raise ValueError(f"remat={remat!r} has no policy")

@@ -74,7 +74,8 @@ class DecoderLM(nnx.Module):
       each with stacked parameters.
     remat: rematerialisation of each block in the backward pass, one of
       common.REMAT_POLICIES ('none', 'full', 'save_dots',
-      'save_moe_outputs', 'offload').
+      'save_moe_outputs': recompute everything but the MoE halves of the
+      MoE blocks, 'offload').
     dtype, param_dtype: compute and parameter dtypes; logits are float32
       (bfloat16 compute with float32 master weights: dtype=jnp.bfloat16,
       param_dtype=jnp.float32; routers and norms compute in float32).
@@ -191,7 +192,30 @@ class DecoderLM(nnx.Module):
       return block(x_BLM, padding_mask_BL=padding_mask_BL,
                    segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
                    token_ids_BL=tokens_BL, deterministic=deterministic)
-    if self.remat != "none":
+    if self.remat == "save_moe_outputs":
+      # MoE blocks: only the attention half is rematerialised; the MoE half
+      # runs once and keeps its residuals. Dense blocks: fully.
+      remat = lambda f: nnx.remat(f, prevent_cse=not self.scan_layers)
+
+      @remat
+      def attend(block, x_BLM, padding_mask_BL, segment_ids_BL,
+                 positions_BL):
+        return block.attend(x_BLM, padding_mask_BL=padding_mask_BL,
+                            segment_ids_BL=segment_ids_BL,
+                            positions_BL=positions_BL)
+      dense_block = remat(run_block)
+
+      def run_block(block, x_BLM, padding_mask_BL, segment_ids_BL,  # pylint: disable=function-redefined
+                    positions_BL, tokens_BL):
+        if not block.is_moe:
+          return dense_block(block, x_BLM, padding_mask_BL, segment_ids_BL,
+                             positions_BL, tokens_BL)
+        x_BLM = attend(block, x_BLM, padding_mask_BL, segment_ids_BL,
+                       positions_BL)
+        return block.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
+                                  token_ids_BL=tokens_BL,
+                                  deterministic=deterministic)
+    elif self.remat != "none":
       run_block = nnx.remat(run_block, policy=common.remat_policy(self.remat),
                             prevent_cse=not self.scan_layers)
     inputs = (padding_mask_BL, segment_ids_BL, positions_BL, tokens_BL)

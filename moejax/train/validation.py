@@ -542,6 +542,13 @@ def _check_mesh(c, p, num_devices, process_count):
     elif _pos_int(b) and b % process_count:
       p.add(field, b, f"a multiple of {process_count}",
             why=f"{process_count} processes each load a share")
+  b, k = c.get("batch_size"), c.get("micro_batches", 1)
+  if (_pos_int(b) and _pos_int(k) and k > 1 and not b % shards
+      and not b % k and (b // k) % shards):
+    p.add("micro_batches", k,
+          f"a divisor of {b // shards} (batch_size / {shards})",
+          why=f"each micro-batch of {b // k} examples is split over mesh "
+          f"axes {batch_axes} of sizes {[axes[a] for a in batch_axes]}")
   return axes
 
 

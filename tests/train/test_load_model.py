@@ -1,6 +1,7 @@
 """load_model and export_params: a run trained on 8 virtual devices (mesh
 data=2 x expert=4, expert parallel) loads in this process and in a
-subprocess that has one device; its export loads to the same model."""
+subprocess that has one device; its export loads to the same model. The
+same run traces a profile_steps step."""
 
 import json
 import os
@@ -46,6 +47,7 @@ def run(tmp_path_factory):
   c.optimizer.warmup_steps = 1
   c.mesh.data, c.mesh.expert = 2, 4
   c.expert_parallel = "shard_map"
+  c.profile_steps = "2"  # the trace is checked below
   workdir = str(base / "run")
   with open(os.devnull, "w") as null:
     train.train_and_evaluate(c, workdir, stream=null)
@@ -93,6 +95,22 @@ def test_a_run_saved_on_8_devices_loads_on_1_and_its_export_too(run):
   for name in ("run", "export"):
     np.testing.assert_allclose(np.load(out / f"{name}.npy"), here, rtol=1e-5,
                                atol=1e-6)
+
+
+def test_profile_steps_write_a_trace_tensorboard_and_perfetto_open(run):
+  # jax.profiler's layout: profile/plugins/profile/<time>/<host>.xplane.pb
+  # (TensorBoard's profile plugin) and .trace.json.gz (Perfetto).
+  _, workdir = run
+  root = os.path.join(workdir, "profile", "plugins", "profile")
+  (session,) = os.listdir(root)
+  files = os.listdir(os.path.join(root, session))
+  assert any(f.endswith(".xplane.pb") for f in files), files
+  trace = [f for f in files if f.endswith(".trace.json.gz")]
+  assert trace, files
+  import gzip  # pylint: disable=g-import-not-at-top
+  with gzip.open(os.path.join(root, session, trace[0])) as f:
+    events = json.load(f)["traceEvents"]
+  assert any("train_step" in str(e.get("name", "")) for e in events)
 
 
 def test_load_model_names_what_is_missing(tmp_path):

@@ -131,22 +131,33 @@ def test_remat_policies_give_the_gradient_of_no_remat():
       np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
 
 
-def test_save_moe_outputs_keeps_only_the_named_moe_outputs():
-  # Under jax.checkpoint the saved residuals of save_moe_outputs are the
-  # values named moe_output: one [B, L, M] per MoE block.
+@pytest.mark.parametrize("scan", [False, True])
+def test_remat_policies_choose_what_the_backward_keeps(scan):
+  # saved_residuals lists what the backward pass keeps from the forward,
+  # each with where it was computed. 'full' keeps nothing computed inside a
+  # block's MoE layer (all is recomputed); 'save_moe_outputs' keeps the MoE
+  # layers' own values (dispatch, experts, combine) and still recomputes
+  # attention; 'none' keeps both.
   from jax._src.ad_checkpoint import saved_residuals  # pylint: disable=g-import-not-at-top
-  model = _lm(moe_every=1, num_layers=2)
-  graphdef, params, rest = nnx.split(model, nnx.Param, ...)
   x = _batch(b=2, l=4)["inputs"]
 
-  def f(params):
-    logits, _ = nnx.merge(graphdef, params, rest)(x)
-    return jnp.sum(logits)
+  def kept(remat):
+    model = _lm(moe_every=1, num_layers=2, scan_layers=scan, remat=remat)
+    graphdef, params, rest = nnx.split(model, nnx.Param, ...)
 
-  policy = common.remat_policy("save_moe_outputs")
-  saved = saved_residuals(jax.checkpoint(f, policy=policy), params)
-  named = [s for s in saved if "moe_output" in str(s[1])]
-  assert len(named) == 2 and all(s[0].shape == (2, 4, M) for s in named)
+    def f(params):
+      return jnp.sum(nnx.merge(graphdef, params, rest)(x)[0])
+    where = [str(s[1]) for s in saved_residuals(f, params)]
+    moe = sum(any(part in w for part in (
+        "layers/moe.py", "layers/dispatch.py", "layers/engines.py",
+        "moejax/routing/", "moejax/ops/")) for w in where)
+    return moe, len(where)
+
+  full, moe_kept, none = kept("full"), kept("save_moe_outputs"), kept("none")
+  assert full[1] < moe_kept[1] < none[1], (full, moe_kept, none)
+  if not scan:  # (under nnx.scan the residuals are attributed to the scan)
+    assert full[0] == 0 and moe_kept[0] > 0 and none[0] == moe_kept[0], (
+        full, moe_kept, none)
 
 
 def _train_state(model, tx):
@@ -258,7 +269,7 @@ def _config(**changes):
 
 def _lines(config):
   try:
-    validation.validate_config(config, num_devices=1)
+    validation.validate_config(config, num_devices=config.mesh.data)
   except train.ConfigError as e:
     return str(e).splitlines()
   return []
@@ -273,6 +284,10 @@ def test_scale_fields_are_validated_one_line_each():
       ({"micro_batches": 0}, "config.micro_batches=0: allowed"),
       ({"profile_steps": "x"}, "config.profile_steps='x'"),
       ({"peak_tflops": -1.0}, "config.peak_tflops=-1.0"),
+      ({"micro_batches": 8, "mesh.data": 2}, "config.micro_batches=8: "
+       "each micro-batch of 1 examples is split over mesh axes ['data', "
+       "'fsdp', 'expert'] of sizes [2, 1, 1]; allowed: a divisor of 4 "
+       "(batch_size / 2)"),
       ({"model.remat": "some"}, "config.model.remat='some': allowed"),
       ({"model.remat": "offload"}, "config.model.remat='offload': "
        "offloading saved activations to pinned host memory needs a GPU or "
