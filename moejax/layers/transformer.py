@@ -278,10 +278,27 @@ class TransformerBlock(nnx.Module):
     Returns:
       (<dtype>[B, L, M], MoEAux of the FFN, or None for a dense FFN).
     """
+    x_BLM = self.attend(x_BLM, padding_mask_BL=padding_mask_BL,
+                        segment_ids_BL=segment_ids_BL,
+                        positions_BL=positions_BL)
+    return self.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
+                             token_ids_BL=token_ids_BL,
+                             deterministic=deterministic)
+
+  def attend(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
+             positions_BL=None):
+    """The attention half: x + attention(norm(x)), <dtype>[B, L, M]."""
     x_BLM = x_BLM.astype(self.dtype)
-    x_BLM = x_BLM + self.attention(
+    return x_BLM + self.attention(
         self.attention_norm(x_BLM), padding_mask_BL=padding_mask_BL,
         segment_ids_BL=segment_ids_BL, positions_BL=positions_BL)
+
+  def feed_forward(self, x_BLM, *, padding_mask_BL=None, token_ids_BL=None,
+                   deterministic: Optional[bool] = None):
+    """The FFN half: (x + ffn(norm(x)) <dtype>[B, L, M], MoEAux or None).
+    Separate from attend() so a remat policy can recompute one half and
+    keep the other (DecoderLM's remat='save_moe_outputs')."""
+    x_BLM = x_BLM.astype(self.dtype)
     h_BLM = self.ffn_norm(x_BLM)
     aux = None
     if isinstance(self.ffn, soft_moe_lib.SoftMoELayer):

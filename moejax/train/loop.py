@@ -1,5 +1,10 @@
 """The training loop: `train_and_evaluate(config, workdir)`.
 
+train_and_evaluate runs a moejax.train.trainer.Trainer (setup, restore,
+train, evaluate, checkpoint, summary); this module holds what it is built
+from: the config -> model/data/task builders, the PreemptionGuard, the
+workdir checks and the metric helpers.
+
 Reads an ml_collections ConfigDict (see experiments/configs/ for the fields)
 passed in explicitly; no flags here. What one run writes into `workdir`:
 
@@ -17,14 +22,10 @@ invalid or changed configs) is in docs/reliability.md.
 """
 
 import contextlib
-import itertools
 import json
-import math
 import os
 import signal
-import sys
 import threading
-import time
 
 from absl import logging
 
@@ -35,19 +36,14 @@ import numpy as np
 
 from moejax import data as data_lib
 from moejax import models
-from moejax import sharding as sharding_lib
 from moejax.train import checkpoint as ckpt_lib
-from moejax.train import optim
-from moejax.train import state as state_lib
 from moejax.train import step as step_lib
 from moejax.train import validation
 from moejax.train import workdir as workdir_lib
 from moejax.train import writers as writers_lib
 from moejax.train.errors import ConfigError
 from moejax.train.errors import DatasetError
-from moejax.train.errors import TrainingDivergedError
 from moejax.train.errors import TrainingError
-from moejax.train.errors import TrainingPreempted
 from moejax.train.errors import WorkdirLockedError
 from moejax.train.errors import WorkdirWriteError
 
@@ -490,9 +486,12 @@ def _layer_table(window, moe_layer_ids, prefix="train/"):
 def format_summary(summary, baseline=None):
   """The end-of-run text: losses, perplexity/accuracy, the MoE table."""
   lines = [f"=== summary ({summary['workdir']}) ==="]
+  compile_s = summary.get("compile_time_s")
   lines.append(f"steps {summary['step']}  tokens {summary['tokens_seen']:,}  "
-               f"train time {summary['train_time_s']:.1f}s  "
-               f"({summary['tokens_per_sec']:.0f} tokens/s after compile)")
+               f"train time {summary['train_time_s']:.1f}s"
+               + (f" + {compile_s:.1f}s compile" if compile_s else "")
+               + f"  ({summary['tokens_per_sec']:.0f} tokens/s after "
+               f"compile; all invocations of the run)")
 
   def numbers(s):
     parts = [f"train loss {s.get('train_ce_loss', float('nan')):.4f}"]
@@ -551,407 +550,7 @@ def train_and_evaluate(config, workdir, *, stream=None, on_log=None):
       its lock is held until this function returns or raises).
     CheckpointRestoreError: checkpoints exist but none loads.
   """
+  from moejax.train import trainer as trainer_lib  # pylint: disable=g-import-not-at-top
   with contextlib.ExitStack() as held:  # the workdir's lock, for the run
-    return _train_and_evaluate(config, workdir, stream, on_log, held)
-
-
-def _train_and_evaluate(config, workdir, stream, on_log, held):
-  """train_and_evaluate's body; `held` (an ExitStack) keeps the workdir's
-  lock until the run returns or raises."""
-  validate_config(config, num_devices=jax.device_count())
-  stream = stream or sys.stdout
-
-  def _print(text):
-    print(text, file=stream, flush=True)
-  workdir = os.path.abspath(workdir)
-  ckpt_dir = os.path.join(workdir, "checkpoints")
-  _check_resume_config(config, ckpt_dir)
-  is_main = jax.process_index() == 0
-  _claim_workdir(workdir, held,
-                 on_takeover=lambda text: _print(f"WARNING: {text}"))
-  # The data first: its refusals (seq_len vs the split, ...) come before
-  # anything is compiled.
-  train_ds, eval_ds = make_datasets_checked(config)
-  if is_main:
-    try:
-      ckpt_lib.save_config(config, workdir)
-    except OSError as e:
-      raise WorkdirWriteError(
-          f"cannot write {workdir}/config.json: "
-          f"{ckpt_lib.describe_error(e)}. Nothing was started. Make the "
-          f"workdir writable or free space, then run again.") from e
-
-  total_steps = int(config.num_train_steps)
-  mesh = state_lib.make_train_mesh(config.mesh)
-  rules = sharding_lib.make_rules(_config_dict(config.get("sharding_rules")
-                                               or {}))
-  schedule = optim.make_schedule(
-      learning_rate=config.optimizer.learning_rate, total_steps=total_steps,
-      warmup_steps=config.optimizer.warmup_steps,
-      end_learning_rate_fraction=config.optimizer.end_learning_rate_fraction)
-  tx = optim.make_optimizer(
-      schedule, weight_decay=config.optimizer.weight_decay,
-      b1=config.optimizer.b1, b2=config.optimizer.b2,
-      eps=config.optimizer.eps, grad_clip_norm=config.optimizer.grad_clip_norm)
-  graphdef, state, model = state_lib.create_train_state(
-      model_factory(config), tx, mesh, rules=rules,
-      expert_parallel=config.get("expert_parallel") or None)
-  task = make_task(config, model)
-  seq_len = config.data.get("seq_len") if config.task == "lm" else None
-  counts = models.count_params(model)
-  flops = models.flops_per_token(model, seq_len)
-  moe_layer_ids = tuple(model.moe_layers)
-  del model  # its arrays now live in `state`
-  _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} "
-         f"{jax.devices()[0].platform} devices; expert_parallel="
-         f"{config.get('expert_parallel') or None}")
-
-  aux_weights = _config_dict(config.aux_loss_weights)
-  shardings = state_lib.state_shardings(state)
-  skip_nonfinite = config.get("nan_policy", "stop") == "skip"
-  max_skips = int(config.get("max_consecutive_nan_skips", 3))
-  train_step = step_lib.make_train_step(
-      graphdef, task, tx, schedule, aux_weights, state_shardings=shardings,
-      skip_nonfinite=skip_nonfinite,
-      inject_nan_steps=validation.parse_steps(
-          config.get("inject_nan_steps", "")))
-  eval_step = step_lib.make_eval_step(graphdef, task, aux_weights)
-
-  train_iter = iter(train_ds)
-  bsharding = data_lib.batch_sharding(mesh, state_lib.batch_axes(mesh, rules))
-
-  ckpt = ckpt_lib.Checkpointer(
-      ckpt_dir, max_to_keep=config.max_checkpoints_to_keep,
-      async_save=config.get("async_checkpointing", True))
-
-  def on_skip(step, reason, moved_to):
-    # moved_to None: a step that cannot be read, left in place (the reason
-    # says so), or another process moves it.
-    text = f"WARNING: skipped checkpoint step {step}: {reason}" + (
-        f"; moved it to {moved_to}" if moved_to else "")
-    _print(text)  # once: not also logged (absl's log is the same terminal)
-
-  start_step, tokens_seen = 0, 0
-  skips = dict(total=0, in_a_row=0)  # nan_policy 'skip' counters
-  try:
-    restored = ckpt.restore_latest(state, train_iter, on_skip=on_skip)
-    if restored is not None and restored[1].get("config"):
-      # The step actually restored (maybe older than the newest) must agree.
-      validation.check_resume_config(restored[1]["config"], config,
-                                     ckpt.step_path(restored[2]))
-  except BaseException:
-    ckpt.close(quiet=True)
-    raise
-  if restored is not None:
-    state, meta, start_step = restored
-    tokens_seen = int(meta.get("tokens_seen", 0))
-    skips.update(total=int(meta.get("nan_skips_total", 0)),
-                 in_a_row=int(meta.get("nan_skips_in_a_row", 0)))
-    _print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}, "
-           f"{tokens_seen:,} tokens)")
-  # Describe after the restore message so the header is the same either way.
-  _print(models.describe(nnx.merge(graphdef, state.params, state.model_state),
-                         seq_len))
-
-  writer = None
-  if is_main:
-    try:
-      jsonl = writers_lib.JsonlWriter(os.path.join(workdir, "metrics.jsonl"))
-      jsonl.truncate_after(start_step)
-      tb = writers_lib.TensorBoardWriter(os.path.join(workdir, "tensorboard"))
-      if start_step:
-        tb.session_start(start_step + 1)
-    except OSError as e:  # a full disk at a resume: metrics.jsonl as it was
-      error = _workdir_error(workdir, e, ckpt)
-      ckpt.close(quiet=True)
-      raise error from e
-    writer = writers_lib.MultiWriter([jsonl, tb])
-  bar = writers_lib.ProgressBar(total_steps, initial=start_step,
-                                stream=stream, enabled=is_main)
-
-  eval_batches = None
-
-  def run_eval(step):
-    nonlocal eval_batches
-    if eval_ds is None:
-      return {}
-    if eval_batches is None:
-      it = iter(eval_ds)
-      n = config.eval_steps or None
-      try:
-        host_batches = list(itertools.islice(it, n))
-      except Exception as e:  # pylint: disable=broad-except
-        _stop_for_data("evaluation", e)  # saves this step, names the file
-      eval_batches = [data_lib.make_global_batch(b, bsharding)
-                      for b in host_batches]
-    m = step_lib.evaluate(eval_step, state, eval_batches)
-    flat = _flatten_metrics(m, moe_layer_ids, "eval/")
-    if config.task == "lm" and "eval/ce_loss" in flat:
-      flat["eval/perplexity"] = float(math.exp(min(flat["eval/ce_loss"], 50)))
-    if writer is not None:
-      writer.write(step, flat)
-      writer.flush()
-    shown = {k[len("eval/"):]: v for k, v in flat.items()
-             if k in ("eval/ce_loss", "eval/perplexity", "eval/accuracy")}
-    bar.write(f"eval @ {step}: " + "  ".join(
-        f"{k} {v:.4f}" for k, v in shown.items()))
-    return flat
-
-  window = []            # recent flat train metrics, for the summary
-  window_size = max(1, min(50, total_steps // 10 or 1))
-  log_every = max(1, int(config.get("log_every", 1)))
-  train_time = 0.0       # seconds of steps after the first (compile) one
-  timed_tokens = 0
-  last_eval = {}
-
-  def process(pending):
-    """Fetches one step's metrics (waiting for the step), checks, writes."""
-    nonlocal train_time, timed_tokens, last_time, last_tokens, compiled
-    step, metrics, seen, log = pending
-    host = jax.device_get(metrics)
-    checked[0] = step
-    ckpt.check()  # a failed async save stops the run at the next step
-    if _nonfinite_step(step, host):
-      return  # skipped: counted and reported; its metrics are not logged
-    if not log:
-      return
-    now = time.monotonic()
-    dt, tokens = now - last_time, seen - last_tokens
-    last_time, last_tokens = now, seen
-    if compiled:
-      train_time += dt
-      timed_tokens += tokens
-    compiled = True
-    flat = _flatten_metrics(host, moe_layer_ids, "train/")
-    flat["train/step_time"] = dt * tokens_per_step / max(tokens, 1)
-    flat["train/tokens_per_sec"] = tokens / dt if dt > 0 else 0.0
-    flat["train/tokens_seen"] = float(seen)
-    if skip_nonfinite:
-      flat["train/nan_skips_total"] = float(skips["total"])
-    if writer is not None:
-      writer.write(step, flat)
-    window.append(flat)
-    if on_log is not None:
-      on_log(step, flat)
-    del window[:-window_size]
-    bar.update(step, {"loss": flat["train/ce_loss"],
-                      "lr": flat["train/learning_rate"],
-                      "tok/s": int(flat["train/tokens_per_sec"])})
-
-  def _nonfinite_step(step, host):
-    """Applies nan_policy to one step's host metrics; True if the step's
-    update was skipped."""
-    bad = [(n, float(host[n])) for n in FINITE_METRICS
-           if not math.isfinite(float(host[n]))]
-    if not bad:
-      skips["in_a_row"] = 0
-      return False
-    what = ", ".join(f"{n} is {v}" for n, v in bad)
-
-    def so_far():
-      latest = ckpt.latest_step()
-      if latest is None:
-        return f"No checkpoint has been saved yet (in {ckpt.directory})."
-      return (f"Checkpoints so far are intact (latest: step {latest} in "
-              f"{ckpt.directory}).")
-    if not skip_nonfinite:
-      ckpt.wait()
-      raise TrainingDivergedError(
-          f"step {step}: {what}; stopping (nan_policy='stop'). {so_far()} "
-          f"To skip such steps instead, set nan_policy='skip'.")
-    skips["total"] += 1
-    skips["in_a_row"] += 1
-    if skips["in_a_row"] >= max_skips:
-      ckpt.wait()
-      raise TrainingDivergedError(
-          f"step {step}: {what}; {skips['in_a_row']} steps in a row skipped "
-          f"(max_consecutive_nan_skips={max_skips}, {skips['total']} "
-          f"skipped in all); stopping. {so_far()}")
-    bar.write(f"step {step}: {what}; update skipped ({skips['in_a_row']} "
-              f"in a row, {skips['total']} in all)")
-    if writer is not None:
-      writer.write(step, {"train/skipped": 1.0,
-                          "train/nan_skips_total": float(skips["total"])})
-    return True
-
-  def save(step, position=None):
-    # position: the data position to save instead of train_iter's (after a
-    # failed read, the one before it: _DataPosition).
-    position = train_iter if position is None else position
-    if not ckpt.save(step, state, position, {
-        "tokens_seen": tokens_seen, "config": _config_dict(config),
-        "nan_skips_total": skips["total"],
-        "nan_skips_in_a_row": skips["in_a_row"]}):
-      bar.write(f"WARNING: checkpoint step {step} not saved: "
-                f"{ckpt.step_path(step)} exists and could not be read; left "
-                f"it as it is")
-      unsaved.add(step)
-    saved.add(step)
-
-  def _preempted(signum, step):
-    """Saves `step` (if not saved yet), waits for the files, raises."""
-    name = signal.Signals(signum).name
-    what = "interrupted" if signum == signal.SIGINT else "preempted"
-    if step not in saved:
-      if checked[0] != step:  # never save a state whose numbers are unseen
-        _nonfinite_step(step, jax.device_get(latest[0]))
-      save(step)
-    ckpt.wait()
-    if writer is not None:
-      writer.flush()
-    if step == start_step:
-      raise TrainingPreempted(
-          f"{what} ({name}) before step {step + 1}: nothing new to save"
-          + (f"; the newest checkpoint is step {step}" if step else "")
-          + ". Run the same command to resume.", step, signum)
-    if step in unsaved:  # an unreadable step of that number was left alone
-      raise TrainingPreempted(
-          f"{what} ({name}) at step {step}: not saved, because "
-          f"{ckpt.step_path(step)} exists and could not be read; "
-          f"{ckpt.newest()}. Run the same command to resume.", step, signum)
-    raise TrainingPreempted(
-        f"{what} ({name}) at step {step}: saved checkpoint "
-        f"{ckpt.step_path(step)}. Run the same command to resume from step "
-        f"{step}.", step, signum)
-
-  def _stop_for_data(what, error, position=None):
-    """A read of the `what` data raised `error`: saves the step reached (its
-    numbers checked first; `position`: the data position before the failed
-    read), then raises DatasetError naming the damaged file."""
-    if pending is not None:  # the previous step: checked and logged first
-      process(pending)
-    step = done
-    if step in saved:  # by a periodic save, or the step resumed from
-      outcome = (f"saved checkpoint {ckpt.step_path(step)}" if step
-                 else "no step was completed, so nothing was saved")
-    elif jax.process_count() > 1:
-      outcome = (f"step {step} was not saved (a save needs every process); "
-                 f"{ckpt.newest()}")
-    else:
-      if checked[0] != step:  # never save a state whose numbers are unseen
-        _nonfinite_step(step, jax.device_get(latest[0]))
-      save(step, position)
-      outcome = (f"saved checkpoint {ckpt.step_path(step)}"
-                 if step not in unsaved else
-                 f"step {step} was not saved ({ckpt.step_path(step)} exists "
-                 f"and could not be read); {ckpt.newest()}")
-    ckpt.wait()
-    if writer is not None:
-      writer.flush()
-    raise _data_read_error(config, what, error, step, outcome)
-
-  last_time, last_tokens, compiled = time.monotonic(), tokens_seen, False
-  tokens_per_step = 1
-  pending = None
-  saved = {start_step}
-  unsaved = set()  # steps save() left alone (an unreadable one exists)
-  done = start_step  # steps whose update has been applied
-  checked = [start_step]  # the last step whose metrics were checked
-  latest = [None]  # the metrics of step `done`
-  failed = True
-  try:
-    with PreemptionGuard() as guard:
-      stop_after = int(config.get("stop_after_steps", 0) or 0)
-      end_step = (min(total_steps, start_step + stop_after) if stop_after
-                  else total_steps)
-      for i in range(start_step, end_step):
-        if guard.requested:
-          break
-        step = i + 1  # the number of updates once this one is applied
-        position = train_iter.get_state()  # saved if the next read fails
-        try:
-          host_batch = next(train_iter)
-        except Exception as e:  # pylint: disable=broad-except
-          _stop_for_data("training", e, _DataPosition(position))
-        batch = data_lib.make_global_batch(host_batch, bsharding)
-        tokens_per_step = task.tokens(batch)
-        tokens_seen += tokens_per_step
-        state, metrics = train_step(state, batch)
-        done, latest[0] = step, metrics
-        if pending is not None:  # fetch the previous step while this runs
-          process(pending)
-          pending = None
-        due_ckpt = bool(config.checkpoint_every and
-                        step % config.checkpoint_every == 0) or (
-                            step == end_step)
-        due_eval = bool(config.eval_every and
-                        step % config.eval_every == 0) or (
-                            step == total_steps)
-        log = step % log_every == 0 or due_ckpt or due_eval
-        if log or skip_nonfinite:
-          pending = (step, metrics, tokens_seen, log)
-        if due_ckpt or due_eval:
-          # Check this step's numbers before its state is saved or evaluated.
-          process(pending)
-          pending = None
-          if due_eval:
-            last_eval = run_eval(step)
-          if due_ckpt:
-            save(step)
-          last_time = time.monotonic()  # eval/ckpt time is not step time
-        guard.poll(step)  # several processes: stop at an agreed step
-      if pending is not None:
-        process(pending)
-        pending = None
-      if guard.requested and done < end_step:  # (a finished run finishes)
-        _preempted(guard.requested, done)
-    if start_step >= total_steps:
-      # Finished before this invocation: neither train nor evaluate again
-      # (an eval would append another record each rerun). The same choice
-      # on every process (an eval is a collective); the summary takes the
-      # eval record of that step from metrics.jsonl.
-      bar.write(
-          f"this run already finished at step {start_step} "
-          f"(num_train_steps={total_steps}, checkpoint "
-          f"{ckpt.step_path(start_step)}): nothing was trained or evaluated "
-          f"again, and the summary below is from its records. Raise "
-          f"--config.num_train_steps to train on, or use a new --workdir.")
-      if is_main:
-        last_eval = _eval_record(workdir, start_step)
-    failed = False
-  except OSError as e:
-    if isinstance(e, TrainingError):
-      raise
-    ckpt.wait()  # a failed save explains a full disk better: raise it first
-    raise _workdir_error(workdir, e, ckpt) from e
-  finally:
-    bar.close()
-    _close_outputs(ckpt, writer, workdir, quiet=failed)
-
-  if not window and os.path.exists(os.path.join(workdir, "metrics.jsonl")):
-    # Nothing trained in this invocation (the run had finished): summarise
-    # the last steps logged.
-    window = [r for r in writers_lib.read_jsonl(
-        os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
-    window = window[-window_size:]
-  summary = dict(
-      workdir=workdir, task=config.task, step=int(jax.device_get(state.step)),
-      tokens_seen=tokens_seen, train_time_s=train_time,
-      tokens_per_sec=timed_tokens / train_time if train_time else 0.0,
-      params_total=counts["total"], params_active=counts["active"],
-      flops_per_token=flops, window=len(window),
-      nan_skips_total=skips["total"])
-  if window:
-    for key in ("ce_loss", "loss", "accuracy"):
-      summary[f"train_{key}"] = float(np.mean(
-          [m[f"train/{key}"] for m in window]))
-    summary["moe_layers"] = _layer_table(window, moe_layer_ids)
-  old_summary = os.path.join(workdir, "summary.json")
-  if not train_time and os.path.exists(old_summary):
-    # Nothing trained in this invocation: keep the timing of the run.
-    with open(old_summary) as f:
-      old = json.load(f)
-    for key in ("train_time_s", "tokens_per_sec"):
-      summary[key] = old.get(key, summary[key])
-  for key in ("ce_loss", "loss", "perplexity", "accuracy"):
-    if f"eval/{key}" in last_eval:
-      summary[f"eval_{key}"] = last_eval[f"eval/{key}"]
-  baseline = None
-  base_dir = config.get("baseline_workdir")
-  if base_dir and os.path.exists(os.path.join(base_dir, "summary.json")):
-    with open(os.path.join(base_dir, "summary.json")) as f:
-      baseline = json.load(f)
-  if is_main:
-    ckpt_lib.write_json_atomic(os.path.join(workdir, "summary.json"), summary)
-    _print(format_summary(summary, baseline))
-  return summary
+    return trainer_lib.Trainer(config, workdir, stream=stream, on_log=on_log,
+                               held=held).run()
