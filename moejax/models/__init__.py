@@ -14,3 +14,5 @@ from moejax.models.common import vmoe_placement
 from moejax.models.decoder import DecoderLM
 from moejax.models.vit import ViTClassifier
 from moejax.models.vit import patchify
+from moejax.models.upcycling import upcycle
+from moejax.models.upcycling import upcycle_params
