@@ -1,0 +1,1 @@
+"""Analysis of trained and pretrained models (routing statistics)."""
