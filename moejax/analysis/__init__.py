@@ -1,1 +1,0 @@
-"""Analysis of trained and pretrained models (routing statistics)."""
