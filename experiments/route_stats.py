@@ -62,7 +62,7 @@ def rows_of(ids, seq_len, rows):
 
 def compute(model, tokens_BL, *, capacity_factor, max_new_tokens):
   """[per-layer stats dict] (see route_stats.layer_stats) and the tokens."""
-  from moejax.analysis import route_stats as rs  # pylint: disable=g-import-not-at-top
+  from moejax.inference import route_stats as rs  # pylint: disable=g-import-not-at-top
   split_BL = None
   if max_new_tokens:
     from moejax import inference  # pylint: disable=g-import-not-at-top

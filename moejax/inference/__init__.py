@@ -1,1 +1,4 @@
-"""Decoding: KV caches, sampling and generate."""
+"""Decoding and analysis of trained or pretrained models: KV caches, sampling,
+generate, routing statistics, and one checkpoint loader for the apps."""
+
+from moejax.inference.generate import generate

@@ -1,4 +1,4 @@
-"""Routing statistics (moejax.analysis.route_stats)."""
+"""Routing statistics (moejax.inference.route_stats)."""
 
 from flax import nnx
 import jax
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from moejax import models
-from moejax.analysis import route_stats as rs
+from moejax.inference import route_stats as rs
 
 V, M, LAYERS, HEADS, H, E = 13, 8, 2, 2, 16, 4
 
