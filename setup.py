@@ -18,6 +18,8 @@ INSTALL_REQUIRES = [
     # Bundles the 8x8 digits: moejax.data's embedded image dataset.
     "scikit-learn==1.9.1",
     "numpy>=2.0",
+    # Reads and writes pretrained checkpoints (moejax.models.from_pretrained).
+    "safetensors==0.8.0",
 ]
 
 EXTRAS_REQUIRE = {

@@ -5,9 +5,12 @@ A config is a dict (or ConfigDict):
 
   {"router":  {"name": "token_choice", "k": 2, "gating": "softmax", ...},
    "engine":  {"name": "indices"},                 # or dropless: tile, gmm
-   "experts": {"num_experts": 8, "hidden_dim": 256, "activation": "swiglu"},
+   "experts": {"num_experts": 8, "hidden_dim": 256, "activation": "swiglu",
+               "use_bias": False},          # + swiglu_alpha/limit (clamped)
    "capacity_factor": 1.25, "eval_capacity_factor": 2.0, "group_size": None,
-   "shared": {"num_experts": 1, "hidden_dim": 256},   # optional
+   "shared": {"num_experts": 1, "hidden_dim": 256,    # optional
+              "gated": False},              # True: Qwen2-MoE's sigmoid gate
+   "output_bias": False,                    # JetMoE's bias on the output
    "residual": {"hidden_dim": 256, "mix": "sum"},     # optional
    "allow_non_causal": False,                          # for causal models
    "layers": {"5": {"experts": {"num_experts": 16}}}}  # per-layer overrides
@@ -55,11 +58,14 @@ LAYERS = ("moe", "soft_moe")
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
             "eval_capacity_factor", "capacity", "min_capacity",
             "capacity_multiple_of", "group_size", "pad_groups", "shared",
-            "residual", "allow_non_causal", "layers")
+            "residual", "output_bias", "allow_non_causal", "layers")
 SOFT_MOE_KEYS = ("layer", "experts", "slots_per_expert", "group_size",
                  "allow_non_causal", "layers")
-EXPERTS_KEYS = ("num_experts", "hidden_dim", "activation")
-SHARED_KEYS = ("num_experts", "hidden_dim")
+EXPERTS_KEYS = ("num_experts", "hidden_dim", "activation", "use_bias",
+                "swiglu_alpha", "swiglu_limit")
+# The experts keys Soft MoE takes (its experts have no biases).
+SOFT_MOE_EXPERTS_KEYS = ("num_experts", "hidden_dim", "activation")
+SHARED_KEYS = ("num_experts", "hidden_dim", "gated")
 RESIDUAL_KEYS = ("hidden_dim", "mix")
 
 # Where each field of the old flat form (moejax <= stop 11) now lives.
@@ -283,7 +289,8 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
                          else SOFT_MOE_KEYS, "moe.")
   experts_cfg = dict(expert_defaults or {})
   experts_cfg.update(_as_dict(config.get("experts")) or {})
-  errors += _unknown_keys(experts_cfg, EXPERTS_KEYS, "moe.experts.")
+  errors += _unknown_keys(experts_cfg, EXPERTS_KEYS if layer_kind == "moe"
+                          else SOFT_MOE_EXPERTS_KEYS, "moe.experts.")
   if "num_experts" not in experts_cfg:
     errors.append(("moe.experts.num_experts", None,
                    "missing; the number of experts E is needed"))
@@ -338,9 +345,12 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
       num_experts=e, rngs=rngs))
   engine = part("moe.engine", engine_cfg, lambda: make_part(
       "moe.engine", engine_cfg, ENGINES, "indices", ()))
+  expert_opts = {k: experts_cfg[k] for k in EXPERTS_KEYS
+                 if k in experts_cfg and k not in ("num_experts",
+                                                   "hidden_dim")}
   experts = part("moe.experts", experts_cfg, lambda: experts_lib.Experts(
-      e, model_dim, experts_cfg.get("hidden_dim"),
-      activation=experts_cfg.get("activation", "relu"), rngs=rngs, **kw))
+      e, model_dim, experts_cfg.get("hidden_dim"), rngs=rngs,
+      **expert_opts, **kw))
 
   def make_shared():
     shared = _as_dict(config.get("shared"))
@@ -352,9 +362,14 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     routers_lib.check_int("num_experts", shared["num_experts"], 0)
     width = shared.get("hidden_dim") or experts_cfg.get("hidden_dim")
     routers_lib.check_int("hidden_dim", width, 1)
-    return ffn_lib.DenseFFN(model_dim, shared["num_experts"] * width,
-                            activation=experts_cfg.get("activation", "relu"),
-                            rngs=rngs, **kw)
+    gated = shared.get("gated", False)
+    if not isinstance(gated, bool):
+      raise OptionError("gated", gated, f"gated must be True or False, got "
+                        f"{gated!r}")
+    cls = moe_lib.GatedShared if gated else ffn_lib.DenseFFN
+    return cls(model_dim, shared["num_experts"] * width,
+               activation=experts_cfg.get("activation", "relu"), rngs=rngs,
+               **kw)
 
   def make_residual():
     residual = _as_dict(config.get("residual"))
@@ -381,7 +396,8 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     raise MoEConfigError(errors)
   layer_kw = {k: config[k] for k in (
       "capacity_factor", "eval_capacity_factor", "capacity", "min_capacity",
-      "capacity_multiple_of", "group_size", "pad_groups") if k in config}
+      "capacity_multiple_of", "group_size", "pad_groups", "output_bias")
+              if k in config}
   layer = part("moe", config, lambda: moe_lib.MoELayer(
       router=router, experts=experts, engine=engine, shared=shared,
       residual=residual, expert_parallel=expert_parallel, **layer_kw))

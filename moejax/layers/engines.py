@@ -7,6 +7,8 @@ only its own options; MoELayer asks it two things:
   uses_capacity: bool   whether routers get a capacity (False: dropless)
   check_router(router)  raises ValueError when it cannot run that router's
                         plans (e.g. the dropless engines need a token view)
+  check_experts(experts)  (optional) raises ValueError when it cannot run
+                        that expert form (Pallas: expert biases)
 
 Expert parallelism (moejax.sharding.ExpertParallel) runs an engine on a mesh
 through one of two protocols, which every engine here implements:
@@ -167,6 +169,15 @@ class PallasEngine(DroplessEngine):
                         "Pallas grouped matmul; use DroplessEngine(gmm=...) "
                         "for another")
     check_int("tile", self.tile, 1)
+
+  def check_experts(self, experts):
+    """Refuses experts with biases: their [.., M + 1] homogeneous input
+    (moejax.layers.experts) breaks the kernels' tiling of M."""
+    if getattr(experts, "use_bias", False):
+      raise ValueError("PallasEngine does not run experts with biases "
+                       "(Experts(use_bias=True)): its kernels tile the model "
+                       "width M, which the folded biases make M + 1; use "
+                       "DroplessEngine, IndicesEngine or EinsumEngine")
 
   def _backend(self):
     from moejax import pallas

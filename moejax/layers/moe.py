@@ -25,6 +25,7 @@ from moejax.layers.routers import check_int
 from moejax.layers.routers import check_number
 from moejax.routing.validation import OptionError
 from moejax.ops.ffn import ExpertWeights
+from moejax.routing.plan import WEIGHTS_ON
 
 # Losses every MoELayer reports (the router adds its own).
 BASE_LOSSES = ("load_balance", "z_loss")
@@ -126,6 +127,31 @@ class ResidualBranch(nnx.Module):
     return moe_GSM * mix_GS2[..., :1] + dense_GSM * mix_GS2[..., 1:]
 
 
+class GatedShared(nnx.Module):
+  """Shared experts scaled per token by a learned sigmoid gate (Qwen2-MoE's
+  shared_expert_gate): y = sigmoid(x w_shared_gate_M1) * ffn(x).
+
+  Parameters: the DenseFFN's (ffn.w_in_MH, ffn.w_gate_MH, ffn.w_out_HM) and
+  w_shared_gate_M1 [M, 1] (embed, -), float32, zero at init (gate 0.5).
+  """
+
+  def __init__(self, model_dim, hidden_dim, *, activation="relu",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    self.dtype = dtype
+    self.ffn = ffn_lib.DenseFFN(model_dim, hidden_dim, activation=activation,
+                                dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+    self.w_shared_gate_M1 = params_lib.param(
+        rngs, nnx.initializers.zeros_init(), (model_dim, 1),
+        (nt.EMBED, None), jnp.float32)
+
+  def __call__(self, x_GSM):
+    """<dtype>[G, S, M] -> <dtype>[G, S, M]."""
+    gate_GS1 = jax.nn.sigmoid(jnp.einsum(
+        "GSM,MZ->GSZ", x_GSM.astype(jnp.float32), self.w_shared_gate_M1[...]))
+    return self.ffn(x_GSM) * gate_GS1.astype(self.dtype)
+
+
 class MoELayer(nnx.Module):
   """A sparse MoE FFN block composed of a router, experts and an engine.
 
@@ -150,15 +176,23 @@ class MoELayer(nnx.Module):
     pad_groups: pad the last group (with a warning) when S does not divide
       B*L; False raises instead.
     shared: an always-on module x_GSM -> y_GSM added to the output
-      (DeepSeekMoE's shared experts, e.g. a DenseFFN), or None.
+      (DeepSeekMoE's shared experts, e.g. a DenseFFN; GatedShared for
+      Qwen2-MoE's sigmoid-gated one), or None.
     residual: a module (x_GSM, moe_GSM) -> y_GSM (ResidualBranch), or None.
+    output_bias: add a learned bias b_out_M [M] to the routed experts'
+      combined output, once per token whatever the routing (JetMoE's
+      MoE bias; per-expert output biases are Experts(use_bias=True)).
     expert_parallel: a moejax.sharding.ExpertParallel, or None.
+
+  A router with weights_on='input' (Llama-4) has its K = 1 weights applied
+  to the expert input (routing.weights_on_input), with every engine.
   """
 
   def __init__(self, *, router, experts, engine, capacity_factor=1.0,
                eval_capacity_factor=None, capacity=None, min_capacity=1,
                capacity_multiple_of=1, group_size=None, pad_groups=True,
-               shared=None, residual=None, expert_parallel=None):
+               shared=None, residual=None, output_bias=False,
+               expert_parallel=None):
     for name in ("num_experts", "k"):
       if not isinstance(getattr(router, name, None), int):
         raise ValueError(f"router {type(router).__name__} has no integer "
@@ -176,6 +210,20 @@ class MoELayer(nnx.Module):
     check = getattr(engine, "check_router", None)
     if check is not None:
       check(router)
+    check = getattr(engine, "check_experts", None)
+    if check is not None:
+      check(experts)
+    weights_on = getattr(router, "weights_on", "output")
+    if weights_on not in WEIGHTS_ON:
+      raise ValueError(f"router {type(router).__name__} has weights_on="
+                       f"{weights_on!r}; allowed: "
+                       f"{list(WEIGHTS_ON)}")
+    if weights_on == "input" and router.k != 1:
+      raise ValueError(f"router {type(router).__name__} puts its weights on "
+                       f"the expert input, which needs k=1, got k={router.k}")
+    if not isinstance(output_bias, bool):
+      raise OptionError("output_bias", output_bias, f"output_bias must be "
+                        f"True or False, got {output_bias!r}")
     check_number("capacity_factor", capacity_factor, 0, open_low=True)
     if eval_capacity_factor is not None:
       check_number("eval_capacity_factor", eval_capacity_factor, 0,
@@ -197,6 +245,11 @@ class MoELayer(nnx.Module):
     self.pad_groups = pad_groups
     self.shared = shared
     self.residual = residual
+    self.weights_on = weights_on
+    self.b_out_M = (nnx.Param(
+        jnp.zeros((experts.model_dim,), experts.w_out_EHM[...].dtype),
+        out_sharding=(nt.EMBED,), eager_sharding=False)
+                    if output_bias else None)
     self.deterministic = False
     self.expert_parallel = None
     self.set_expert_parallel(expert_parallel)
@@ -292,12 +345,26 @@ class MoELayer(nnx.Module):
                        f"of type {type(plan).__name__}, not a RoutingPlan")
 
     x_GSM = x_GSM.astype(self.experts.dtype)
-    weights = ExpertWeights(*self.experts.weights())
-    activation = self.experts.activation
+    xe_GSM, run_plan = x_GSM, plan
+    if self.weights_on == "input":
+      xe_GSM, run_plan = routing.weights_on_input(plan, x_GSM)
+    experts = self.experts
+    # Experts with biases widen the input to [.., M + 1] (see
+    # moejax.layers.experts); a plain experts module has no hooks.
+    prepare = getattr(experts, "prepare_input", None)
+    if prepare is not None:
+      xe_GSM = prepare(xe_GSM)
+    weights = ExpertWeights(*experts.weights())
+    activation = getattr(experts, "engine_activation", experts.activation)
     if ep is None:
-      y_GSM = self.engine(plan, x_GSM, weights, activation)
+      y_GSM = self.engine(run_plan, xe_GSM, weights, activation)
     else:
-      y_GSM = ep.run(self.engine, plan, x_GSM, weights, activation)
+      y_GSM = ep.run(self.engine, run_plan, xe_GSM, weights, activation)
+    finish = getattr(experts, "finish", None)
+    if finish is not None:
+      y_GSM = finish(y_GSM, run_plan)
+    if self.b_out_M is not None:
+      y_GSM = y_GSM + self.b_out_M[...].astype(y_GSM.dtype)
     if self.shared is not None:
       y_GSM = y_GSM + self.shared(x_GSM).astype(y_GSM.dtype)
     if self.residual is not None:

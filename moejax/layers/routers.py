@@ -29,6 +29,11 @@ Optional hooks, each with the default `Router` gives:
   experts_per_token(capacity_factor)
                             routed experts an average token runs through
                             (parameter/FLOP accounting), default k
+  weights_on: str = 'output'
+                            where the plan's weights multiply: the expert
+                            output, or 'input' (Llama-4: expert(w * x)); the
+                            layer honours 'input' for K = 1 with every
+                            engine (routing.weights_on_input)
 
 A forward call never changes a router's parameters or state.
 """
@@ -46,6 +51,8 @@ from moejax import routing
 from moejax.layers import params as params_lib
 from moejax.routing import validation
 from moejax.routing.balanced import BALANCED_GATINGS
+from moejax.routing.bias import GROUP_SCORES
+from moejax.routing.plan import WEIGHTS_ON
 from moejax.routing.token_choice import GATINGS
 from moejax.routing.token_choice import SECOND_EXPERT_POLICIES
 
@@ -97,6 +104,18 @@ def router_weight(rngs, model_dim, num_experts):
                           (nt.EMBED, nt.EXPERT), jnp.float32)
 
 
+def router_bias(rngs, num_experts, use_bias):
+  """The learned [E] float32 logit bias b_router_E (expert), zero at init,
+  or None when use_bias is False."""
+  if not isinstance(use_bias, bool):
+    raise OptionError("use_bias", use_bias, f"use_bias must be True or False, "
+                      f"got {use_bias!r}")
+  if not use_bias:
+    return None
+  return params_lib.param(rngs, nnx.initializers.zeros_init(),
+                          (num_experts,), (nt.EXPERT,), jnp.float32)
+
+
 class Router(nnx.Module):
   """Base of moejax's routers: the contract's defaults and argument checks."""
 
@@ -104,6 +123,8 @@ class Router(nnx.Module):
   token_view = True
   group_local = False
   causal = True
+  weights_on = "output"
+  b_router_E = None
 
   def _init_common(self, model_dim, num_experts, k):
     check_int("model_dim", model_dim, 1)
@@ -127,9 +148,13 @@ class Router(nnx.Module):
     return self.k
 
   def logits(self, x_GSM):
-    """<float32>[G, S, E] = x (in float32) @ w_router_ME."""
-    return jnp.einsum("GSM,ME->GSE", x_GSM.astype(jnp.float32),
-                      self.w_router_ME[...])
+    """<float32>[G, S, E] = x (in float32) @ w_router_ME (+ b_router_E when
+    the router has a learned bias)."""
+    logits_GSE = jnp.einsum("GSM,ME->GSE", x_GSM.astype(jnp.float32),
+                            self.w_router_ME[...])
+    if self.b_router_E is not None:
+      logits_GSE = logits_GSE + self.b_router_E[...]
+    return logits_GSE
 
 
 class TokenChoiceRouter(Router):
@@ -149,16 +174,32 @@ class TokenChoiceRouter(Router):
     jitter_eps: Switch's multiplicative jitter on the router input at
       training time, uniform in [1 - eps, 1 + eps] ('router' stream); 0: off.
     routed_scaling_factor: multiplies the combine weights.
+    use_bias: a learned logit bias b_router_E (GPT-OSS): logits = x W + b,
+      used for selection and weights alike.
+    weights_on: 'output' (weight * expert(x), every family but Llama-4) or
+      'input' (expert(weight * x), Llama-4; needs k=1).
     rngs: nnx.Rngs ('params'; 'router' when jitter or 'random' is used).
-  Parameters: w_router_ME [M, E] float32.
+  Parameters: w_router_ME [M, E] float32; b_router_E [E] float32 with
+  use_bias.
+
+  The families: Mixtral gating 'topk_softmax' (or 'softmax' + renormalize);
+  OLMoE / Qwen2-MoE 'softmax' (renormalize = norm_topk_prob); Qwen3-MoE
+  'softmax' + renormalize; GPT-OSS / JetMoE / Granite-MoE 'topk_softmax'
+  (GPT-OSS with use_bias); Llama-4 'sigmoid', k=1, weights_on='input'.
   """
 
   def __init__(self, model_dim, num_experts, *, k=2, gating="softmax",
                renormalize=False, batch_prioritized=False,
                second_expert_policy="all", jitter_eps=0.0,
-               routed_scaling_factor=1.0, rngs):
+               routed_scaling_factor=1.0, use_bias=False,
+               weights_on="output", rngs):
     self._init_common(model_dim, num_experts, k)
     validation.check_choice("gating", gating, GATINGS)
+    validation.check_choice("weights_on", weights_on, WEIGHTS_ON)
+    if weights_on == "input" and k != 1:
+      raise OptionError("k", k, f"weights_on='input' (the router weight "
+                        f"scales the expert input, Llama-4) needs k=1, got "
+                        f"k={k}")
     validation.check_choice("second_expert_policy", second_expert_policy,
                             SECOND_EXPERT_POLICIES)
     check_number("jitter_eps", jitter_eps, 0)
@@ -170,10 +211,12 @@ class TokenChoiceRouter(Router):
     self.second_expert_policy = second_expert_policy
     self.jitter_eps = float(jitter_eps)
     self.routed_scaling_factor = routed_scaling_factor
+    self.weights_on = weights_on
     self.causal = not self.batch_prioritized
     self.group_local = not (self.jitter_eps > 0 or
                             second_expert_policy == "random")
     self.w_router_ME = router_weight(rngs, model_dim, num_experts)
+    self.b_router_E = router_bias(rngs, num_experts, use_bias)
     self.rngs = None if self.group_local else rngs.fork()
 
   def __call__(self, x_GSM, *, capacity, padding_mask_GS=None,
@@ -366,12 +409,19 @@ class DeepSeekRouter(Router):
     gating: 'sigmoid' (V3), 'softmax' (V2) or 'topk_softmax'.
     renormalize: divide the k weights by their sum (V3: True; V2: False).
     num_expert_groups, topk_groups: group-limited routing (1 = no limit).
+    group_score: a group's score for group limiting: 'top2_sum' (V3: sum
+      of its two best biased scores) or 'max' (V2: its best score).
     routed_scaling_factor: multiplies the combine weights.
     bias_update_rate: gamma of `update` (V3: 1e-3).
     rngs: nnx.Rngs.
   Parameters: w_router_ME [M, E]; state bias_E [E] (RouterBias, float32).
   Losses: sequence_balance (group == sequence). Stats: load_E [E], the
   assignment counts (dropped ones included) that `update` balances.
+
+  DeepSeek-V3: gating 'sigmoid', renormalize = norm_topk_prob, group_score
+  'top2_sum', bias_E = e_score_correction_bias. DeepSeek-V2 / V2-Lite:
+  gating 'softmax', renormalize False, group_score 'max' (topk_method
+  'group_limited_greedy'; 'greedy' is num_expert_groups=1), bias_E zero.
   """
 
   loss_names = ("sequence_balance",)
@@ -379,9 +429,11 @@ class DeepSeekRouter(Router):
 
   def __init__(self, model_dim, num_experts, *, k=2, gating="sigmoid",
                renormalize=True, num_expert_groups=1, topk_groups=1,
-               routed_scaling_factor=1.0, bias_update_rate=1e-3, rngs):
+               group_score="top2_sum", routed_scaling_factor=1.0,
+               bias_update_rate=1e-3, rngs):
     self._init_common(model_dim, num_experts, k)
     validation.check_choice("gating", gating, GATINGS)
+    validation.check_choice("group_score", group_score, GROUP_SCORES)
     routing.bias._check_group_args(num_experts, num_expert_groups,  # pylint: disable=protected-access
                                    topk_groups)
     available = topk_groups * (num_experts // num_expert_groups)
@@ -396,6 +448,7 @@ class DeepSeekRouter(Router):
     self.renormalize = bool(renormalize)
     self.num_expert_groups = num_expert_groups
     self.topk_groups = topk_groups
+    self.group_score = group_score
     self.routed_scaling_factor = routed_scaling_factor
     self.bias_update_rate = bias_update_rate
     self.w_router_ME = router_weight(rngs, model_dim, num_experts)
@@ -409,7 +462,7 @@ class DeepSeekRouter(Router):
     plan = routing.aux_free_bias_route(
         logits_GSE, self.bias_E[...], k=self.k, capacity=capacity,
         gating=self.gating, num_expert_groups=self.num_expert_groups,
-        topk_groups=self.topk_groups,
+        topk_groups=self.topk_groups, group_score=self.group_score,
         routed_scaling_factor=self.routed_scaling_factor,
         padding_mask_GS=padding_mask_GS, renormalize=self.renormalize)
     losses = {"sequence_balance": routing.sequence_balance_loss(

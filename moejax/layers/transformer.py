@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt
+from moejax.layers import attention as attention_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import params as params_lib
 from moejax.layers import soft_moe as soft_moe_lib
@@ -114,9 +115,9 @@ def apply_rope(x_BLND, positions_BL, *, max_wavelength=10_000.0):
 class MultiHeadAttention(nnx.Module):
   """Multi-head self-attention with optional causal mask and RoPE.
 
-  q/k/v: 'BLM,MND->BLND'; scores 'BLND,BJND->BNLJ' in float32, scaled by
-  D^-0.5, masked (causal j <= l, key padding, equal segment ids), softmax
-  over J; values 'BNLJ,BJND->BLND'; output 'BLND,NDM->BLM'.
+  q/k/v: 'BLM,MND->BLND'; then the attention core (moejax.layers.attention:
+  jax.nn.dot_product_attention, scale D^-0.5, masked causal j <= l, key
+  padding, equal segment ids); output 'BLND,NDM->BLM'.
 
   Args:
     model_dim: M.
@@ -189,27 +190,18 @@ class MultiHeadAttention(nnx.Module):
     v_BJND = jnp.einsum("BJM,MND->BJND", x_BLM, w(self.w_v_MND))
     if self.rope_max_wavelength is not None:
       if positions_BL is None:
-        positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
+        positions_BL = attention_lib.default_positions(b, l)
       q_BLND = apply_rope(q_BLND, positions_BL,
                           max_wavelength=self.rope_max_wavelength)
       k_BJND = apply_rope(k_BJND, positions_BL,
                           max_wavelength=self.rope_max_wavelength)
-    logits_BNLJ = jnp.einsum("BLND,BJND->BNLJ", q_BLND, k_BJND,
-                             preferred_element_type=jnp.float32)
-    logits_BNLJ = logits_BNLJ.astype(jnp.float32) * self.head_dim ** -0.5
-    mask_BLJ = jnp.ones((b, l, l), jnp.bool_)
-    if self.causal:
-      mask_BLJ = mask_BLJ & jnp.tril(jnp.ones((l, l), jnp.bool_))[None]
-    if padding_mask_BL is not None:
-      mask_BLJ = mask_BLJ & padding_mask_BL.astype(jnp.bool_)[:, None, :]
-    if segment_ids_BL is not None:
-      mask_BLJ = mask_BLJ & (segment_ids_BL[:, :, None] ==
-                             segment_ids_BL[:, None, :])
-    # A finite fill keeps fully masked rows (padded queries) NaN-free.
-    logits_BNLJ = jnp.where(mask_BLJ[:, None], logits_BNLJ,
-                            jnp.finfo(jnp.float32).min)
-    probs_BNLJ = jax.nn.softmax(logits_BNLJ, axis=-1).astype(dt)
-    out_BLND = jnp.einsum("BNLJ,BJND->BLND", probs_BNLJ, v_BJND)
+    # Causality by index (positions_BL may restart within a packed row).
+    index_BL = attention_lib.default_positions(b, l)
+    mask_BLJ = attention_lib.attention_mask(
+        index_BL, index_BL, causal=self.causal,
+        key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+    out_BLND = attention_lib.attend(q_BLND, k_BJND, v_BJND, mask_BLJ,
+                                    scale=self.head_dim ** -0.5)
     return jnp.einsum("BLND,NDM->BLM", out_BLND, w(self.w_o_NDM))
 
 

@@ -14,5 +14,7 @@ from moejax.models.common import vmoe_placement
 from moejax.models.decoder import DecoderLM
 from moejax.models.vit import ViTClassifier
 from moejax.models.vit import patchify
+from moejax.models.hf import from_pretrained
+from moejax.models.hf import save_pretrained
 from moejax.models.upcycling import upcycle
 from moejax.models.upcycling import upcycle_params

@@ -3,6 +3,7 @@
 from moejax.routing.capacity import compute_capacity
 from moejax.routing.capacity import num_groups_and_padding
 from moejax.routing.plan import RoutingPlan
+from moejax.routing.plan import weights_on_input
 from moejax.routing.token_choice import assign_slots
 from moejax.routing.token_choice import gate_probs
 from moejax.routing.token_choice import token_choice

@@ -7,9 +7,11 @@ group-limited (node-limited) expert selection (DeepSeek-V2/V3).
   overloaded ones (DeepSeek-V3 sec. 2.1.2).
 * Group-limited routing splits the E experts into `num_expert_groups`
   contiguous groups of E / num_expert_groups experts, scores each group by
-  the sum of its two highest (biased) selection scores (DeepSeek-V3; a group
-  of one expert uses that one score), keeps the experts of the `topk_groups`
-  best groups, and selects the top-k experts among them.
+  the sum of its two highest (biased) selection scores (group_score
+  'top2_sum', DeepSeek-V3; a group of one expert uses that one score) or by
+  its highest score ('max', DeepSeek-V2's group_limited_greedy), keeps the
+  experts of the `topk_groups` best groups, and selects the top-k experts
+  among them.
 """
 
 import jax
@@ -21,6 +23,7 @@ from moejax.routing.token_choice import token_choice
 
 
 _check_int = validation.check_int
+GROUP_SCORES = ("top2_sum", "max")
 
 
 def _check_group_args(num_experts, num_expert_groups, topk_groups):
@@ -37,29 +40,34 @@ def _check_group_args(num_experts, num_expert_groups, topk_groups):
         f"num_expert_groups ({num_expert_groups}), got {topk_groups}")
 
 
-def group_limited_scores(scores_GSE, *, num_expert_groups, topk_groups):
+def group_limited_scores(scores_GSE, *, num_expert_groups, topk_groups,
+                         group_score="top2_sum"):
   """Masks experts outside each token's `topk_groups` best expert groups.
 
-  Group score = sum of the top-2 scores in the group (top-1 when a group has
-  a single expert). Ties between groups go to the lower group index.
+  Group score: 'top2_sum' = sum of the top-2 scores in the group (top-1 when
+  a group has a single expert; DeepSeek-V3), 'max' = the group's highest
+  score (DeepSeek-V2). Ties between groups go to the lower group index.
 
   Args:
     scores_GSE: <float>[G, S, E] selection scores (cast to float32).
     num_expert_groups: number of contiguous expert groups; must divide E.
     topk_groups: groups kept per token, 1 <= topk_groups <= num_expert_groups.
+    group_score: 'top2_sum' or 'max'.
   Returns:
     <float32>[G, S, E]: the scores, -inf for experts of dropped groups.
   """
   validation.check_logits(scores_GSE, name="scores_GSE")
   g, s, e = scores_GSE.shape
   _check_group_args(e, num_expert_groups, topk_groups)
+  validation.check_choice("group_score", group_score, GROUP_SCORES)
   scores_GSE = scores_GSE.astype(jnp.float32)
   if topk_groups == num_expert_groups:
     return scores_GSE
   n = num_expert_groups
   per_group = e // n
   scores_GSNX = scores_GSE.reshape(g, s, n, per_group)
-  top_GSNX, _ = jax.lax.top_k(scores_GSNX, min(2, per_group))
+  top = 2 if group_score == "top2_sum" else 1
+  top_GSNX, _ = jax.lax.top_k(scores_GSNX, min(top, per_group))
   group_score_GSN = jnp.sum(top_GSNX, axis=-1)
   _, kept_group_GST = jax.lax.top_k(group_score_GSN, topk_groups)
   kept_GSN = jnp.any(
@@ -72,7 +80,7 @@ def group_limited_scores(scores_GSE, *, num_expert_groups, topk_groups):
 def aux_free_bias_route(logits_GSE, bias_E, *, k, capacity, gating="sigmoid",
                         num_expert_groups=1, topk_groups=1,
                         routed_scaling_factor=1.0, padding_mask_GS=None,
-                        renormalize=True):
+                        renormalize=True, group_score="top2_sum"):
   """Top-k routing with a selection-only bias and group-limited selection.
 
   Selection scores are gate(logits) + bias, where gate is sigmoid(logits)
@@ -96,6 +104,8 @@ def aux_free_bias_route(logits_GSE, bias_E, *, k, capacity, gating="sigmoid",
     routed_scaling_factor: multiplies the combine weights.
     padding_mask_GS: <bool>[G, S] or None; padded tokens take no slot.
     renormalize: divide the k weights by their sum.
+    group_score: how a group is scored for group limiting, 'top2_sum' (V3)
+      or 'max' (V2); see group_limited_scores.
   Returns:
     RoutingPlan; probs_GSE is `gate_probs(logits, gating)` (unbiased).
   """
@@ -104,6 +114,7 @@ def aux_free_bias_route(logits_GSE, bias_E, *, k, capacity, gating="sigmoid",
   validation.check_k(k, e)
   validation.check_choice("gating", gating, GATINGS)
   _check_group_args(e, num_expert_groups, topk_groups)
+  validation.check_choice("group_score", group_score, GROUP_SCORES)
   available = topk_groups * (e // num_expert_groups)
   if k > available:
     raise ValueError(f"k must be <= the experts in the kept groups "
@@ -125,7 +136,8 @@ def aux_free_bias_route(logits_GSE, bias_E, *, k, capacity, gating="sigmoid",
   if num_expert_groups > 1:
     select_GSE = group_limited_scores(select_GSE,
                                       num_expert_groups=num_expert_groups,
-                                      topk_groups=topk_groups)
+                                      topk_groups=topk_groups,
+                                      group_score=group_score)
   return token_choice(
       logits_GSE, k=k, capacity=capacity, padding_mask_GS=padding_mask_GS,
       gating=gating, renormalize=renormalize,

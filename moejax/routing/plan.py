@@ -130,3 +130,41 @@ def slot_view_from_token_view(expert_GSK, slot_GSK, weight_GSK, num_experts,
   token_GEC = token_GX[:, :e * c].reshape(g, e, c)
   weight_GEC = weight_GX[:, :e * c].reshape(g, e, c)
   return token_GEC, weight_GEC
+
+
+# Where a plan's router weights multiply: the expert output (every family but
+# Llama-4) or the expert input (Llama-4: expert(weight * x)).
+WEIGHTS_ON = ("output", "input")
+
+
+def weights_on_input(plan, x_GSM):
+  """Moves a one-choice plan's weights from the expert output to its input.
+
+  Llama-4 runs each expert on weight * x and sums the outputs unweighted.
+  With K = 1 that is the same as scaling each token's input by its one
+  weight and combining with weight 1 for a kept assignment (0 for dropped
+  or padded), which every engine (and expert parallelism) runs unchanged.
+
+  Args:
+    plan: a token-view RoutingPlan with K = 1 (capacity or dropless).
+    x_GSM: <dtype>[G, S, M] the expert input.
+  Returns:
+    (<dtype>[G, S, M] x scaled by each token's weight, the plan with its
+    kept weights set to 1).
+  """
+  if not plan.has_token_view or plan.expert_GSK.shape[-1] != 1:
+    shape = None if plan.expert_GSK is None else plan.expert_GSK.shape
+    raise ValueError(f"router weights on the expert input need a token-view "
+                     f"plan with K = 1 (one expert per token), got expert_GSK "
+                     f"of shape {shape}")
+  e = plan.num_experts
+  kept_GSK = plan.expert_GSK < e
+  if plan.slot_GSK is not None:
+    kept_GSK &= plan.slot_GSK < plan.capacity
+  scale_GS1 = jnp.where(kept_GSK, plan.weight_GSK, 0.0)
+  x_GSM = x_GSM * scale_GS1.astype(x_GSM.dtype)
+  unit = dict(weight_GSK=kept_GSK.astype(jnp.float32))
+  if plan.weight_GEC is not None:
+    unit["weight_GEC"] = (plan.token_GEC < plan.group_size).astype(
+        jnp.float32)
+  return x_GSM, plan.replace(**unit)

@@ -1,0 +1,203 @@
+"""The attention forms of the HF families, on moejax.layers.attention's core.
+
+GQAttention: grouped-query attention with optional q/k/v and output biases,
+QK-norm per head (Qwen3) or over all heads (OLMoE), OLMoE's clip_qkv,
+sliding windows and learned sinks (GPT-OSS). MLAttention: DeepSeek's
+multi-head latent attention with its decoupled rotary part.
+
+Both take explicit positions and split projection from the core
+(`project` -> (q, k, v), then `attend`), so a KV cache can store the
+projected keys/values (or MLA's latent) later without a rewrite.
+"""
+
+from flax import nnx
+import jax.numpy as jnp
+
+from moejax import notation as nt
+from moejax.layers import attention as core
+from moejax.layers import params as params_lib
+from moejax.layers import transformer as tfm
+from moejax.models.hf import rope as rope_lib
+
+
+def _param(rngs, shape, names, dtype, init=None):
+  init = init or nnx.initializers.normal(0.02)
+  return params_lib.param(rngs, init, shape, names, dtype)
+
+
+def _zeros(rngs, shape, names, dtype):
+  return params_lib.param(rngs, nnx.initializers.zeros_init(), shape, names,
+                          dtype)
+
+
+class GQAttention(nnx.Module):
+  """Grouped-query self-attention (Mixtral, OLMoE, Qwen, GPT-OSS).
+
+  Parameters: w_q_MND [M, N, D], w_k_MKD, w_v_MKD [M, K, D], w_o_NDM
+  [N, D, M]; with qkv_bias b_q_ND, b_k_KD, b_v_KD; with o_bias b_o_M;
+  qk_norm 'head': q_norm, k_norm RMSNorm [D]; 'full': q_norm [N*D], k_norm
+  [K*D]; sinks: sinks_N [N] float32.
+  """
+
+  def __init__(self, spec, model_dim, rope, *, norm_eps, window=None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    self.spec = spec
+    self.window = window
+    self.dtype = dtype
+    inv_freq, self.rope_factor = rope_lib.frequencies(rope)
+    self.inv_freq = tuple(float(v) for v in inv_freq)  # static, not a param
+    self.interleaved = rope.interleaved
+    m, n, k, d = model_dim, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    pd = param_dtype
+    self.w_q_MND = _param(rngs, (m, n, d), (nt.EMBED, nt.HEADS, None), pd)
+    self.w_k_MKD = _param(rngs, (m, k, d), (nt.EMBED, nt.HEADS, None), pd)
+    self.w_v_MKD = _param(rngs, (m, k, d), (nt.EMBED, nt.HEADS, None), pd)
+    self.w_o_NDM = _param(rngs, (n, d, m), (nt.HEADS, None, nt.EMBED), pd)
+    qkv = spec.qkv_bias
+    self.b_q_ND = _zeros(rngs, (n, d), (nt.HEADS, None), pd) if qkv else None
+    self.b_k_KD = _zeros(rngs, (k, d), (nt.HEADS, None), pd) if qkv else None
+    self.b_v_KD = _zeros(rngs, (k, d), (nt.HEADS, None), pd) if qkv else None
+    self.b_o_M = (_zeros(rngs, (m,), (nt.EMBED,), pd) if spec.o_bias
+                  else None)
+    norm_kw = dict(eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
+    if spec.qk_norm == "head":
+      self.q_norm = tfm.RMSNorm(d, **norm_kw)
+      self.k_norm = tfm.RMSNorm(d, **norm_kw)
+    elif spec.qk_norm == "full":
+      self.q_norm = tfm.RMSNorm(n * d, **norm_kw)
+      self.k_norm = tfm.RMSNorm(k * d, **norm_kw)
+    else:
+      self.q_norm = self.k_norm = None
+    self.sinks_N = (_zeros(rngs, (n,), (nt.HEADS,), jnp.float32)
+                    if spec.sinks else None)
+
+  def project(self, x_BLM, positions_BL):
+    """<float>[B, L, M] -> (q_BLND, k_BLKD, v_BLKD), rotated and normed."""
+    dt = self.dtype
+    x = x_BLM.astype(dt)
+    w = lambda p: p[...].astype(dt)
+    q = jnp.einsum("BLM,MND->BLND", x, w(self.w_q_MND))
+    k = jnp.einsum("BLM,MKD->BLKD", x, w(self.w_k_MKD))
+    v = jnp.einsum("BLM,MKD->BLKD", x, w(self.w_v_MKD))
+    if self.b_q_ND is not None:
+      q, k, v = q + w(self.b_q_ND), k + w(self.b_k_KD), v + w(self.b_v_KD)
+    clip = self.spec.clip_qkv
+    if clip is not None:
+      q, k, v = (jnp.clip(t, -clip, clip) for t in (q, k, v))
+    if self.spec.qk_norm == "head":
+      q, k = self.q_norm(q), self.k_norm(k)
+    elif self.spec.qk_norm == "full":
+      b, l = x.shape[:2]
+      q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape)
+      k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape)
+    q = rope_lib.apply_rotary(q, positions_BL, self.inv_freq,
+                              self.rope_factor, interleaved=self.interleaved)
+    k = rope_lib.apply_rotary(k, positions_BL, self.inv_freq,
+                              self.rope_factor, interleaved=self.interleaved)
+    return q, k, v
+
+  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M] (causal; keys masked by
+    key_mask_BL, the padding mask)."""
+    q, k, v = self.project(x_BLM, positions_BL)
+    mask_BLJ = core.attention_mask(positions_BL, positions_BL,
+                                   key_mask_BJ=key_mask_BL,
+                                   sliding_window=self.window)
+    sinks = None if self.sinks_N is None else self.sinks_N[...]
+    out_BLND = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale,
+                           sinks_N=sinks)
+    y = jnp.einsum("BLND,NDM->BLM", out_BLND, self.w_o_NDM[...].astype(
+        self.dtype))
+    if self.b_o_M is not None:
+      y = y + self.b_o_M[...].astype(self.dtype)
+    return y
+
+
+class MLAttention(nnx.Module):
+  """DeepSeek-V2/V3 multi-head latent attention.
+
+  q = W_qb(norm(W_qa x)) (or W_q x when q_lora_rank is None), split into a
+  non-rotary part [Dn] and a rotary part [Dr]; the latent c = norm(W_kva x)
+  [C] expands through W_kvb into per-head k_nope [Dn] and v [Dv]; one rotary
+  key [Dr] (from W_kva x) is shared by all heads.
+
+  Parameters: w_q_a_MR [M, R], q_a_norm [R], w_q_b_RNE [R, N, Dn + Dr] (or
+  w_q_MNE [M, N, Dn + Dr]); w_kv_a_MA [M, C + Dr], kv_a_norm [C],
+  w_kv_b_CNF [C, N, Dn + Dv]; w_o_NVM [N, Dv, M]; with attention_bias
+  b_q_a_R, b_kv_a_A, b_o_M.
+  """
+
+  def __init__(self, spec, model_dim, rope, *, norm_eps, window=None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    del window
+    self.spec = spec
+    self.dtype = dtype
+    inv_freq, self.rope_factor = rope_lib.frequencies(rope)
+    self.inv_freq = tuple(float(v) for v in inv_freq)  # static, not a param
+    self.interleaved = rope.interleaved
+    m, n = model_dim, spec.num_heads
+    dn, dr, dv = spec.qk_nope_head_dim, spec.qk_rope_head_dim, spec.v_head_dim
+    c, r = spec.kv_lora_rank, spec.q_lora_rank
+    pd = param_dtype
+    norm_kw = dict(eps=norm_eps, dtype=dtype, param_dtype=pd, rngs=rngs)
+    bias = spec.qkv_bias
+    if r is None:
+      self.w_q_MNE = _param(rngs, (m, n, dn + dr), (nt.EMBED, nt.HEADS, None),
+                            pd)
+      self.w_q_a_MR = self.q_a_norm = self.w_q_b_RNE = self.b_q_a_R = None
+    else:
+      self.w_q_MNE = None
+      self.w_q_a_MR = _param(rngs, (m, r), (nt.EMBED, None), pd)
+      self.b_q_a_R = _zeros(rngs, (r,), (None,), pd) if bias else None
+      self.q_a_norm = tfm.RMSNorm(r, **norm_kw)
+      self.w_q_b_RNE = _param(rngs, (r, n, dn + dr), (None, nt.HEADS, None),
+                              pd)
+    self.w_kv_a_MA = _param(rngs, (m, c + dr), (nt.EMBED, None), pd)
+    self.b_kv_a_A = _zeros(rngs, (c + dr,), (None,), pd) if bias else None
+    self.kv_a_norm = tfm.RMSNorm(c, **norm_kw)
+    self.w_kv_b_CNF = _param(rngs, (c, n, dn + dv), (None, nt.HEADS, None), pd)
+    self.w_o_NVM = _param(rngs, (n, dv, m), (nt.HEADS, None, nt.EMBED), pd)
+    self.b_o_M = _zeros(rngs, (m,), (nt.EMBED,), pd) if spec.o_bias else None
+
+  def project(self, x_BLM, positions_BL):
+    """-> (q_BLNE, k_BLNE, v_BLNV) with E = Dn + Dr."""
+    s, dt = self.spec, self.dtype
+    dn, dr = s.qk_nope_head_dim, s.qk_rope_head_dim
+    x = x_BLM.astype(dt)
+    w = lambda p: p[...].astype(dt)
+    if self.w_q_MNE is not None:
+      q = jnp.einsum("BLM,MNE->BLNE", x, w(self.w_q_MNE))
+    else:
+      qa = jnp.einsum("BLM,MR->BLR", x, w(self.w_q_a_MR))
+      if self.b_q_a_R is not None:
+        qa = qa + w(self.b_q_a_R)
+      q = jnp.einsum("BLR,RNE->BLNE", self.q_a_norm(qa), w(self.w_q_b_RNE))
+    kva = jnp.einsum("BLM,MA->BLA", x, w(self.w_kv_a_MA))
+    if self.b_kv_a_A is not None:
+      kva = kva + w(self.b_kv_a_A)
+    latent_BLC, k_rot_BLR = kva[..., :s.kv_lora_rank], kva[..., s.kv_lora_rank:]
+    kv = jnp.einsum("BLC,CNF->BLNF", self.kv_a_norm(latent_BLC),
+                    w(self.w_kv_b_CNF))
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    rot = lambda t: rope_lib.apply_rotary(t, positions_BL, self.inv_freq,
+                                          self.rope_factor,
+                                          interleaved=self.interleaved)
+    q = jnp.concatenate([q[..., :dn], rot(q[..., dn:])], axis=-1)
+    k_rot = jnp.broadcast_to(rot(k_rot_BLR[:, :, None, :]),
+                             k_nope.shape[:-1] + (dr,))
+    k = jnp.concatenate([k_nope, k_rot], axis=-1)
+    return q, k, v
+
+  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M] (causal)."""
+    q, k, v = self.project(x_BLM, positions_BL)
+    mask_BLJ = core.attention_mask(positions_BL, positions_BL,
+                                   key_mask_BJ=key_mask_BL)
+    out = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale)
+    y = jnp.einsum("BLNV,NVM->BLM", out, self.w_o_NVM[...].astype(self.dtype))
+    if self.b_o_M is not None:
+      y = y + self.b_o_M[...].astype(self.dtype)
+    return y
+
+
+FORMS = {"gqa": GQAttention, "mla": MLAttention}

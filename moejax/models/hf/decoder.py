@@ -1,0 +1,120 @@
+"""The decoder of the HF MoE families, built from a ModelSpec.
+
+embed -> [x += attn(norm(x)); x += ffn(norm(x))] x layers -> norm -> lm_head.
+The attention form comes from moejax.models.hf.attention (GQA or MLA), the
+sparse FFN from moejax.layers.build_moe (every routing/expert option is a
+router or Experts option there), dense layers are DenseFFN (SwiGLU).
+"""
+
+from typing import Optional
+
+from flax import nnx
+import jax.numpy as jnp
+
+from moejax import notation as nt
+from moejax.layers import attention as attention_core
+from moejax.layers import build as build_lib
+from moejax.layers import ffn as ffn_lib
+from moejax.layers import params as params_lib
+from moejax.layers import transformer as tfm
+from moejax.models.hf import attention as attention_lib
+
+
+class HFBlock(nnx.Module):
+  """Pre-norm block: input_norm, attention, post_attention_norm, ffn."""
+
+  def __init__(self, spec, index, *, dtype, param_dtype, rngs):
+    m = spec.model_dim
+    kw = dict(dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+    self.input_norm = tfm.RMSNorm(m, eps=spec.norm_eps, **kw)
+    self.attention = attention_lib.FORMS[spec.attention.form](
+        spec.attention, m, spec.rope, norm_eps=spec.norm_eps,
+        window=spec.windows[index], **kw)
+    self.post_attention_norm = tfm.RMSNorm(m, eps=spec.norm_eps, **kw)
+    self.is_moe = spec.ffn_kinds[index] == "moe"
+    if self.is_moe:
+      self.ffn = build_lib.build_moe(dict(spec.moe), model_dim=m, rngs=rngs,
+                                     dtype=dtype, param_dtype=param_dtype)
+    else:
+      self.ffn = ffn_lib.DenseFFN(m, spec.dense_hidden_dim,
+                                  activation="swiglu", **kw)
+    self.dtype = dtype
+
+  def __call__(self, x_BLM, positions_BL, padding_mask_BL):
+    h = self.attention(self.input_norm(x_BLM), positions_BL,
+                       key_mask_BL=padding_mask_BL)
+    x_BLM = x_BLM + h.astype(self.dtype)
+    h = self.post_attention_norm(x_BLM)
+    aux = None
+    if self.is_moe:
+      y, aux = self.ffn(h, padding_mask_BL=padding_mask_BL,
+                        deterministic=True)
+    else:
+      y = self.ffn(h)
+    return x_BLM + y.astype(self.dtype), aux
+
+
+class HFDecoder(nnx.Module):
+  """A decoder-only MoE LM of one of the HF families (see config.FAMILIES).
+
+  Parameters: embed_VM [V, M]; blocks[i] (input_norm, attention,
+  post_attention_norm, ffn); final_norm; w_unembed_MV [M, V] unless the
+  embeddings are tied.
+  """
+
+  def __init__(self, spec, *, dtype=jnp.float32, param_dtype=jnp.float32,
+               rngs):
+    self.spec = spec
+    self.dtype = dtype
+    self.embed_VM = params_lib.param(
+        rngs, nnx.initializers.normal(0.02), (spec.vocab_size,
+                                              spec.model_dim),
+        (nt.VOCAB, nt.EMBED), param_dtype)
+    self.blocks = nnx.List([
+        HFBlock(spec, i, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        for i in range(spec.num_layers)])
+    self.final_norm = tfm.RMSNorm(spec.model_dim, eps=spec.norm_eps,
+                                  dtype=dtype, param_dtype=param_dtype,
+                                  rngs=rngs)
+    self.w_unembed_MV = (None if spec.tie_embeddings else params_lib.param(
+        rngs, nnx.initializers.normal(0.02), (spec.model_dim,
+                                              spec.vocab_size),
+        (nt.EMBED, nt.VOCAB), param_dtype))
+
+  def __call__(self, tokens_BL, *, padding_mask_BL=None,
+               positions_BL: Optional[jnp.ndarray] = None):
+    """Next-token logits.
+
+    Args:
+      tokens_BL: <int32>[B, L] token ids.
+      padding_mask_BL: optional <bool>[B, L], False at padding: padded keys
+        are not attended and padded tokens take no expert slot. Outputs at
+        padded positions are meaningless.
+      positions_BL: optional <int32>[B, L] positions (default 0..L-1 in
+        every row, as transformers gives a right-padded batch).
+    Returns:
+      (logits_BLV <float32>[B, L, V], aux): the MoE layers' MoEAux stacked
+      along a leading axis in layer order, or None without MoE layers.
+    """
+    if getattr(tokens_BL, "ndim", None) != 2 or not jnp.issubdtype(
+        tokens_BL.dtype, jnp.integer):
+      raise ValueError(f"tokens_BL must be an integer array [B, L], got "
+                       f"{getattr(tokens_BL, 'dtype', None)}"
+                       f"{getattr(tokens_BL, 'shape', None)}")
+    b, l = tokens_BL.shape
+    if positions_BL is None:
+      positions_BL = attention_core.default_positions(b, l)
+    if padding_mask_BL is not None:
+      padding_mask_BL = padding_mask_BL.astype(jnp.bool_)
+    x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
+    auxes = []
+    for block in self.blocks:
+      x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
+      if aux is not None:
+        auxes.append(aux)
+    h_BLM = self.final_norm(x_BLM)
+    w_MV = (self.embed_VM[...].T if self.w_unembed_MV is None
+            else self.w_unembed_MV[...])
+    logits_BLV = jnp.einsum("BLM,MV->BLV", h_BLM, w_MV.astype(self.dtype),
+                            preferred_element_type=jnp.float32)
+    return logits_BLV.astype(jnp.float32), tfm.stack_aux(auxes)

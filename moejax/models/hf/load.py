@@ -1,0 +1,160 @@
+"""from_pretrained: a HF checkpoint directory (config.json + safetensors) ->
+an HFDecoder with the checkpoint's weights.
+
+The model is first built abstractly (nnx.eval_shape: no parameter memory);
+then each checkpoint tensor is read on its own (safetensors memory-maps the
+file), laid out (mapping.py), cast, and put on its device or mesh sharding
+before the next one is read, so the host never holds the model twice.
+"""
+
+import json
+import os
+
+from flax import nnx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from moejax.models.hf import config as config_lib
+from moejax.models.hf import decoder as decoder_lib
+from moejax.models.hf import mapping
+from moejax.sharding import rules as sharding_rules
+
+
+class CheckpointError(ValueError):
+  """A checkpoint tensor is missing, unexpected or mis-shaped."""
+
+
+def read_config(path):
+  """The config.json dict of a checkpoint directory."""
+  with open(os.path.join(path, "config.json")) as f:
+    return json.load(f)
+
+
+def checkpoint_files(path):
+  """{tensor name: safetensors file} of a directory: one model.safetensors,
+  or the shards that model.safetensors.index.json names."""
+  index = os.path.join(path, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      weight_map = json.load(f)["weight_map"]
+    return {k: os.path.join(path, v) for k, v in weight_map.items()}
+  single = os.path.join(path, "model.safetensors")
+  if not os.path.exists(single):
+    raise CheckpointError(f"{path} has neither model.safetensors nor "
+                          f"model.safetensors.index.json")
+  with safe_open(single, "np") as f:
+    return {k: single for k in f.keys()}
+
+
+def variable_at(model, path):
+  """The nnx.Variable at a dotted path ('blocks.0.attention.w_q_MND')."""
+  obj = model
+  for part in path.split("."):
+    obj = obj[int(part)] if part.isdigit() else getattr(obj, part)
+  if not isinstance(obj, nnx.Variable):
+    raise CheckpointError(f"{path} is not a variable of the model (got "
+                          f"{type(obj).__name__})")
+  return obj
+
+
+def _sharding(variable, mesh):
+  if mesh is None:
+    return jax.devices()[0]
+  return jax.sharding.NamedSharding(
+      mesh, sharding_rules.variable_spec(variable, mesh=mesh))
+
+
+def from_pretrained(path, *, dtype=None, mesh=None):
+  """Loads a HF MoE checkpoint (see moejax.models.hf.config.FAMILIES).
+
+  Args:
+    path: directory with config.json and model.safetensors (or sharded
+      model-*.safetensors with model.safetensors.index.json).
+    dtype: parameter and compute dtype (e.g. jnp.bfloat16); None = float32.
+      Routers, norms' math and softmaxes stay float32.
+    mesh: a jax.sharding.Mesh to place each tensor on by its logical axis
+      names, or None for the default device.
+  Returns:
+    HFDecoder; `logits_BLV, aux = model(ids_BL, padding_mask_BL=mask)`.
+  Raises:
+    UnsupportedConfig naming a config field; CheckpointError naming a
+    missing, unexpected or mis-shaped tensor.
+  """
+  spec = config_lib.parse_config(read_config(path))
+  dtype = jnp.dtype(dtype or jnp.float32)
+  model = nnx.eval_shape(lambda: decoder_lib.HFDecoder(
+      spec, dtype=dtype, param_dtype=dtype, rngs=nnx.Rngs(0)))
+  files = checkpoint_files(path)
+  entries = mapping.tensor_map(spec)
+  wanted = {n for e in entries for n in e.hf_names}
+  missing = [n for n in sorted(wanted) if n not in files]
+  if missing:
+    raise CheckpointError(f"checkpoint {path} lacks tensor {missing[0]!r}"
+                          + (f" (and {len(missing) - 1} more)"
+                             if len(missing) > 1 else ""))
+  unexpected = sorted(set(files) - wanted)
+  if unexpected:
+    raise CheckpointError(f"checkpoint {path} has unexpected tensor "
+                          f"{unexpected[0]!r}" + (
+                              f" (and {len(unexpected) - 1} more)"
+                              if len(unexpected) > 1 else "")
+                          + f"; moejax's {spec.model_type} has no place "
+                          f"for it")
+  handles = {}
+  try:
+    for entry in entries:
+      arrays = []
+      for name in entry.hf_names:
+        fname = files[name]
+        if fname not in handles:
+          handles[fname] = safe_open(fname, "np")
+        arrays.append(handles[fname].get_tensor(name))
+      _check_shapes(entry, arrays, model)
+      values = entry.to_jax(arrays)
+      for p, value in zip(entry.paths, values):
+        var = variable_at(model, p)
+        if tuple(value.shape) != tuple(var.shape):
+          raise CheckpointError(
+              f"tensor {entry.hf_names[0]!r} has shape "
+              f"{tuple(arrays[0].shape)}, which does not fit {p} "
+              f"{tuple(var.shape)} of this config")
+        # The abstract model holds each variable's dtype (routers and
+        # sinks stay float32 whatever `dtype` is).
+        var.value = jax.device_put(np.asarray(value).astype(var.dtype),
+                                   _sharding(var, mesh))
+      del arrays, values
+  finally:
+    handles.clear()
+  _fill_unmapped(model, mesh)
+  return model
+
+
+def _fill_unmapped(model, mesh):
+  """Variables that no checkpoint tensor fills: state a family's checkpoint
+  does not carry (DeepSeek-V2's zero selection bias, RouterBias) starts at
+  zero; an unfilled nnx.Param is a gap in mapping.py and an error."""
+  for path, var in nnx.iter_graph(model):
+    if not isinstance(var, nnx.Variable) or not isinstance(
+        var.value, jax.ShapeDtypeStruct):
+      continue
+    name = ".".join(str(p) for p in path)
+    if isinstance(var, nnx.Param):
+      raise CheckpointError(f"no checkpoint tensor maps to parameter {name}")
+    var.value = jax.device_put(np.zeros(var.shape, var.dtype),
+                               _sharding(var, mesh))
+
+
+def _check_shapes(entry, arrays, model):
+  """Names a checkpoint tensor whose shape is not the one this config's
+  model needs (found by laying zero-stride stand-ins of the variables out
+  as transformers does), before any reshape could hide it."""
+  stand_ins = [np.broadcast_to(np.zeros((), np.float32),
+                               variable_at(model, p).shape)
+               for p in entry.paths]
+  expected = [tuple(x.shape) for x in entry.to_hf(stand_ins)]
+  for name, array, want in zip(entry.hf_names, arrays, expected):
+    if tuple(array.shape) != want:
+      raise CheckpointError(f"tensor {name!r} has shape "
+                            f"{tuple(array.shape)}; this config needs {want}")
