@@ -40,9 +40,12 @@ class HFBlock(nnx.Module):
                                   activation="swiglu", **kw)
     self.dtype = dtype
 
-  def __call__(self, x_BLM, positions_BL, padding_mask_BL):
+  def __call__(self, x_BLM, positions_BL, padding_mask_BL, cache=None):
+    """-> (x_BLM, aux or None), and the block's new LayerCache when given one."""
     h = self.attention(self.input_norm(x_BLM), positions_BL,
-                       key_mask_BL=padding_mask_BL)
+                       key_mask_BL=padding_mask_BL, cache=cache)
+    if cache is not None:
+      h, cache = h
     x_BLM = x_BLM + h.astype(self.dtype)
     h = self.post_attention_norm(x_BLM)
     aux = None
@@ -51,7 +54,8 @@ class HFBlock(nnx.Module):
                         deterministic=True)
     else:
       y = self.ffn(h)
-    return x_BLM + y.astype(self.dtype), aux
+    out = x_BLM + y.astype(self.dtype)
+    return (out, aux) if cache is None else (out, aux, cache)
 
 
 class HFDecoder(nnx.Module):
@@ -81,8 +85,14 @@ class HFDecoder(nnx.Module):
                                               spec.vocab_size),
         (nt.EMBED, nt.VOCAB), param_dtype))
 
+  def init_cache(self, batch, max_length):
+    """[LayerCache per block]: an empty KV cache for `batch` rows of up to
+    `max_length` positions (moejax.inference.generate)."""
+    return [block.attention.init_cache(batch, max_length)
+            for block in self.blocks]
+
   def __call__(self, tokens_BL, *, padding_mask_BL=None,
-               positions_BL: Optional[jnp.ndarray] = None):
+               positions_BL: Optional[jnp.ndarray] = None, cache=None):
     """Next-token logits.
 
     Args:
@@ -92,9 +102,12 @@ class HFDecoder(nnx.Module):
         padded positions are meaningless.
       positions_BL: optional <int32>[B, L] positions (default 0..L-1 in
         every row, as transformers gives a right-padded batch).
+      cache: optional [LayerCache] (init_cache): the tokens extend the
+        cached sequence (pass their positions); padding is not cached.
     Returns:
       (logits_BLV <float32>[B, L, V], aux): the MoE layers' MoEAux stacked
-      along a leading axis in layer order, or None without MoE layers.
+      along a leading axis in layer order, or None without MoE layers; with
+      a cache, (logits_BLV, aux, new cache).
     """
     if getattr(tokens_BL, "ndim", None) != 2 or not jnp.issubdtype(
         tokens_BL.dtype, jnp.integer):
@@ -107,9 +120,14 @@ class HFDecoder(nnx.Module):
     if padding_mask_BL is not None:
       padding_mask_BL = padding_mask_BL.astype(jnp.bool_)
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
-    auxes = []
-    for block in self.blocks:
-      x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
+    auxes, new_cache = [], []
+    for i, block in enumerate(self.blocks):
+      if cache is None:
+        x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
+      else:
+        x_BLM, aux, layer_cache = block(x_BLM, positions_BL, padding_mask_BL,
+                                        cache[i])
+        new_cache.append(layer_cache)
       if aux is not None:
         auxes.append(aux)
     h_BLM = self.final_norm(x_BLM)
@@ -117,4 +135,7 @@ class HFDecoder(nnx.Module):
             else self.w_unembed_MV[...])
     logits_BLV = jnp.einsum("BLM,MV->BLV", h_BLM, w_MV.astype(self.dtype),
                             preferred_element_type=jnp.float32)
-    return logits_BLV.astype(jnp.float32), tfm.stack_aux(auxes)
+    logits_BLV = logits_BLV.astype(jnp.float32)
+    if cache is not None:
+      return logits_BLV, tfm.stack_aux(auxes), new_cache
+    return logits_BLV, tfm.stack_aux(auxes)
