@@ -26,6 +26,7 @@ Writes into --out_dir:
 import json
 import math
 import os
+import sys
 
 from absl import app
 from absl import flags
@@ -132,12 +133,19 @@ def plot(stats, out_dir, *, title, dpi):
     if i >= y:
       ax.axis("off")
       continue
-    im = ax.imshow(stats[i]["coactivation_EE"], cmap="magma", vmin=0, vmax=1)
+    # The diagonal (1 for every chosen expert) is left out (grey), so the
+    # colours spread over the off-diagonal pairs.
+    co_EE = np.array(stats[i]["coactivation_EE"], float)
+    np.fill_diagonal(co_EE, np.nan)
+    cmap = plt.get_cmap("magma").copy()
+    cmap.set_bad("lightgrey")
+    im = ax.imshow(co_EE, cmap=cmap, vmin=0, vmax=1)
     _ticks(ax, e, e)
     ax.set_title(f"layer {i}")
     ax.set_xlabel("expert j")
     ax.set_ylabel("expert i")
-  fig.suptitle(f"{title}: P(expert j chosen | expert i chosen)")
+  fig.suptitle(f"{title}: P(expert j chosen | expert i chosen), "
+               f"diagonal omitted")
   fig.colorbar(im, ax=axes.ravel().tolist(), shrink=0.8)
   paths.append(os.path.join(out_dir, "coactivation.png"))
   fig.savefig(paths[-1], dpi=dpi)
@@ -166,7 +174,10 @@ def plot(stats, out_dir, *, title, dpi):
 def main(argv):
   del argv
   from moejax.inference import checkpoints  # pylint: disable=g-import-not-at-top
-  model, tokenizer = checkpoints.load_checkpoint(_CHECKPOINT.value)
+  try:
+    model, tokenizer = checkpoints.load_checkpoint(_CHECKPOINT.value)
+  except (FileNotFoundError, ValueError) as e:
+    sys.exit(f"error: {e}")
   with open(_TEXT.value, encoding="utf-8", errors="replace") as f:
     ids = tokenizer.encode(f.read())
   tokens_BL = rows_of(ids, _SEQ_LEN.value, _ROWS.value)

@@ -124,7 +124,7 @@ def moe_layers(model):
 
 
 def trace_routing(model, tokens_BL, *, padding_mask_BL=None):
-  """Runs `model` once in evaluation mode and returns each MoE layer's trace.
+  """Runs `model` once with evaluation routing; returns each MoE layer's trace.
 
   Args:
     model: a model whose MoE layers are MoELayer (router attribute), called
@@ -138,12 +138,13 @@ def trace_routing(model, tokens_BL, *, padding_mask_BL=None):
   layers = moe_layers(model)
   if not layers:
     raise ValueError(f"{type(model).__name__} has no MoE layer to trace")
-  originals = [layer.router for _, layer in layers]
+  originals = [(layer.router, getattr(layer, "deterministic", None))
+               for _, layer in layers]
   try:
     for _, layer in layers:
       layer.router = TracingRouter(layer.router)
-    logits_BLV, _ = model(tokens_BL, padding_mask_BL=padding_mask_BL,
-                          deterministic=True)
+      layer.deterministic = True  # evaluation routing: no noise or jitter
+    logits_BLV, _ = model(tokens_BL, padding_mask_BL=padding_mask_BL)
     traces = []
     for _, layer in layers:
       chosen_GSE = np.asarray(layer.router.last_chosen.get_value())
@@ -154,8 +155,10 @@ def trace_routing(model, tokens_BL, *, padding_mask_BL=None):
           probs_BLE=probs_GSE.reshape(g * s, e)[:b * l].reshape(b, l, e),
           k=int(layer.router.k), group_size=s))
   finally:
-    for (_, layer), router in zip(layers, originals):
+    for (_, layer), (router, deterministic) in zip(layers, originals):
       layer.router = router
+      if deterministic is not None:
+        layer.deterministic = deterministic
   return logits_BLV, traces
 
 
