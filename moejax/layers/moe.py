@@ -245,7 +245,6 @@ class MoELayer(nnx.Module):
     self.pad_groups = pad_groups
     self.shared = shared
     self.residual = residual
-    self.weights_on = weights_on
     self.b_out_M = (nnx.Param(
         jnp.zeros((experts.model_dim,), experts.w_out_EHM[...].dtype),
         out_sharding=(nt.EMBED,), eager_sharding=False)
@@ -346,7 +345,7 @@ class MoELayer(nnx.Module):
 
     x_GSM = x_GSM.astype(self.experts.dtype)
     xe_GSM, run_plan = x_GSM, plan
-    if self.weights_on == "input":
+    if getattr(self.router, "weights_on", "output") == "input":
       xe_GSM, run_plan = routing.weights_on_input(plan, x_GSM)
     experts = self.experts
     # Experts with biases widen the input to [.., M + 1] (see

@@ -175,6 +175,20 @@ def test_unexpected_tensor_is_named(tmp_path):
     from_pretrained(path)
 
 
+def test_deepseek_v3_mtp_layer_is_skipped_other_extras_refused(tmp_path):
+  # The fixture's config has num_nextn_predict_layers=1 and 2 layers.
+  mtp = "model.layers.2.eh_proj.weight"
+  path = copy_fixture(tmp_path, "deepseek_v3", tensors=lambda t: t.update(
+      {mtp: np.ones((64, 128), np.float32)}))
+  assert hf.load.variable_at(from_pretrained(path), "embed_VM").shape == (
+      128, 64)
+  beyond = "model.layers.3.eh_proj.weight"
+  path = copy_fixture(tmp_path / "b", "deepseek_v3", tensors=lambda t: t.update(
+      {beyond: np.ones((64, 128), np.float32)}))
+  with pytest.raises(hf.CheckpointError, match=beyond):
+    from_pretrained(path)
+
+
 def test_wrong_shape_is_named(tmp_path):
   path = copy_fixture(tmp_path, tensors=lambda t: t.update(
       {Q: np.zeros((60, 64), np.float32)}))

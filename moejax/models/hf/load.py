@@ -94,7 +94,8 @@ def from_pretrained(path, *, dtype=None, mesh=None):
     raise CheckpointError(f"checkpoint {path} lacks tensor {missing[0]!r}"
                           + (f" (and {len(missing) - 1} more)"
                              if len(missing) > 1 else ""))
-  unexpected = sorted(set(files) - wanted)
+  unexpected = sorted(n for n in set(files) - wanted
+                      if not _is_mtp(spec, n))
   if unexpected:
     raise CheckpointError(f"checkpoint {path} has unexpected tensor "
                           f"{unexpected[0]!r}" + (
@@ -102,33 +103,43 @@ def from_pretrained(path, *, dtype=None, mesh=None):
                               if len(unexpected) > 1 else "")
                           + f"; moejax's {spec.model_type} has no place "
                           f"for it")
-  handles = {}
-  try:
-    for entry in entries:
-      arrays = []
-      for name in entry.hf_names:
-        fname = files[name]
-        if fname not in handles:
-          handles[fname] = safe_open(fname, "np")
-        arrays.append(handles[fname].get_tensor(name))
-      _check_shapes(entry, arrays, model)
-      values = entry.to_jax(arrays)
-      for p, value in zip(entry.paths, values):
-        var = variable_at(model, p)
-        if tuple(value.shape) != tuple(var.shape):
-          raise CheckpointError(
-              f"tensor {entry.hf_names[0]!r} has shape "
-              f"{tuple(arrays[0].shape)}, which does not fit {p} "
-              f"{tuple(var.shape)} of this config")
-        # The abstract model holds each variable's dtype (routers and
-        # sinks stay float32 whatever `dtype` is).
-        var.value = jax.device_put(np.asarray(value).astype(var.dtype),
-                                   _sharding(var, mesh))
-      del arrays, values
-  finally:
-    handles.clear()
+  for entry in entries:
+    arrays = []
+    for name in entry.hf_names:
+      # One short-lived memory map per tensor: a map held open for the
+      # whole load would keep every page read so far resident (RSS).
+      with safe_open(files[name], "np") as f:
+        arrays.append(f.get_tensor(name))
+    _check_shapes(entry, arrays, model)
+    values = entry.to_jax(arrays)
+    del arrays  # the layouts are views or fresh copies; drop the sources
+    for p, value in zip(entry.paths, values):
+      var = variable_at(model, p)
+      if tuple(value.shape) != tuple(var.shape):
+        raise CheckpointError(
+            f"tensor {entry.hf_names[0]!r} lays out to {tuple(value.shape)},"
+            f" which does not fit {p} {tuple(var.shape)} of this config")
+      # The abstract model holds each variable's dtype (routers and sinks
+      # stay float32 whatever `dtype` is).
+      var.value = jax.device_put(
+          np.asarray(value).astype(var.dtype, copy=False),
+          _sharding(var, mesh))
+    del values
   _fill_unmapped(model, mesh)
   return model
+
+
+def _is_mtp(spec, name):
+  """DeepSeek-V3's multi-token-prediction layers follow the decoder's
+  (model.layers.{L + i}); a forward pass does not use them and transformers
+  skips them too."""
+  extra = spec.hf.get("num_nextn_predict_layers") or 0
+  if spec.model_type != "deepseek_v3" or not extra:
+    return False
+  parts = name.split(".")
+  return (len(parts) > 2 and parts[:2] == ["model", "layers"]
+          and parts[2].isdigit()
+          and spec.num_layers <= int(parts[2]) < spec.num_layers + extra)
 
 
 def _fill_unmapped(model, mesh):
