@@ -14,6 +14,9 @@ its own: a router that needs the whole group (expert choice, BPR, BASE, Soft
 MoE) is refused before anything runs.
 """
 
+import functools
+import weakref
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -46,27 +49,44 @@ def prompt_positions(padding_mask_BL):
   return jnp.maximum(jnp.cumsum(mask, axis=1) - 1, 0).astype(jnp.int32)
 
 
-@nnx.jit(static_argnames=("temperature", "top_k", "top_p"))
-def _prefill(model, prompt_BL, positions_BL, mask_BL, cache, key, *,
-             temperature, top_k, top_p):
-  logits_BLV, _, cache = model(prompt_BL, positions_BL=positions_BL,
-                               padding_mask_BL=mask_BL, cache=cache)
-  token_B = sampling.next_token(logits_BLV[:, -1], key,
-                                temperature=temperature, top_k=top_k,
-                                top_p=top_p)
-  return token_B, cache
+# The model is split once per generate call into (graphdef, state) and the
+# steps are plain jax.jit functions of the state: no NNX graph traversal per
+# token. The jitted pair is kept per model (weakly) while its structure is
+# unchanged, so a second generate call on it compiles nothing new.
+_STEPS = weakref.WeakKeyDictionary()
+_SAMPLING = ("temperature", "top_k", "top_p")
 
 
-@nnx.jit(static_argnames=("temperature", "top_k", "top_p"))
-def _step(model, token_B, position_B, cache, key, *, temperature, top_k,
-          top_p):
-  logits_BLV, _, cache = model(token_B[:, None], positions_BL=position_B[:,
-                                                                          None],
-                               padding_mask_BL=None, cache=cache)
-  token_B = sampling.next_token(logits_BLV[:, -1], key,
-                                temperature=temperature, top_k=top_k,
-                                top_p=top_p)
-  return token_B, cache
+def _steps(model):
+  """(prefill, step, state) for `model`."""
+  graphdef, state = nnx.split(model)
+  entry = _STEPS.get(model)
+  if entry is not None and entry[0] == graphdef:
+    return entry[1], entry[2], state
+
+  @functools.partial(jax.jit, static_argnames=_SAMPLING)
+  def prefill(state, prompt_BL, positions_BL, mask_BL, cache, key, *,
+              temperature, top_k, top_p):
+    logits_BLV, _, cache = nnx.merge(graphdef, state)(
+        prompt_BL, positions_BL=positions_BL, padding_mask_BL=mask_BL,
+        cache=cache)
+    return sampling.next_token(logits_BLV[:, -1], key,
+                               temperature=temperature, top_k=top_k,
+                               top_p=top_p), cache
+
+  @functools.partial(jax.jit, static_argnames=_SAMPLING,
+                     donate_argnames=("cache",))
+  def step(state, token_B, position_B, cache, key, *, temperature, top_k,
+           top_p):
+    logits_BLV, _, cache = nnx.merge(graphdef, state)(
+        token_B[:, None], positions_BL=position_B[:, None],
+        padding_mask_BL=None, cache=cache)
+    return sampling.next_token(logits_BLV[:, -1], key,
+                               temperature=temperature, top_k=top_k,
+                               top_p=top_p), cache
+
+  _STEPS[model] = (graphdef, prefill, step)
+  return prefill, step, state
 
 
 def generate(model, prompt_BL, *, max_new_tokens, temperature=0.0,
@@ -118,8 +138,9 @@ def generate(model, prompt_BL, *, max_new_tokens, temperature=0.0,
   cache = model.init_cache(b, l + max_new_tokens)
   positions_BL = prompt_positions(mask_BL)
   key, sub = jax.random.split(key)
-  token_B, cache = _prefill(model, prompt_BL.astype(jnp.int32), positions_BL,
-                            mask_BL, cache, sub, **sample)
+  prefill, decode_step, state = _steps(model)
+  token_B, cache = prefill(state, prompt_BL.astype(jnp.int32), positions_BL,
+                           mask_BL, cache, sub, **sample)
   position_B = positions_BL[:, -1] + 1
   done_B = jnp.isin(token_B, stops)
   out = [np.asarray(token_B)]
@@ -130,7 +151,8 @@ def generate(model, prompt_BL, *, max_new_tokens, temperature=0.0,
       out.append(out[-1])
       continue
     key, sub = jax.random.split(key)
-    new_B, cache = _step(model, token_B, position_B, cache, sub, **sample)
+    new_B, cache = decode_step(state, token_B, position_B, cache, sub,
+                               **sample)
     # A stopped row repeats its stop token.
     token_B = jnp.where(done_B, token_B, new_B)
     done_B = done_B | jnp.isin(token_B, stops)
