@@ -1,5 +1,7 @@
 # The two entry points: `make run` (the main job) and `make test` (the whole suite).
-# Each creates .venv and installs the pinned package on first use; reruns reuse it.
+# Each creates .venv and installs the package on first use, at the tested
+# versions of constraints.txt (setup.py states the compatible ranges); reruns
+# reuse it.
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,10 +9,10 @@ STAMP := $(VENV)/.installed
 
 .PHONY: run test install clean
 
-$(STAMP): setup.py
+$(STAMP): setup.py constraints.txt
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,report]'
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[test,report,digits,slurm]'
 	touch $(STAMP)
 
 install: $(STAMP)

@@ -9,16 +9,21 @@ overrides; experiments/sweep.py writes it) and/or workdirs given directly.
 A workdir needs metrics.jsonl, config.json and, once finished, summary.json
 (experiments/train.py writes them).
 
-Writes into --out_dir (PNG, --dpi 80 by default, so each is well under
-100 KB):
+Writes into --out_dir (PNG, --dpi 100 by default), one figure per
+question, every line named by a legend, each task in its own figure or
+panel:
   loss_<task>.png       train (smoothed) and validation loss over steps
+  final_loss.png        the final validation loss of each run, sorted
+                        (one panel per task)
   expert_load.png       per-layer expert-load heatmaps over training steps
-                        (one row per MoE run, one column per MoE layer)
+                        (one row per MoE run, one column per MoE layer;
+                        integer expert ticks)
   dropped_vs_cf.png     dropped fraction and validation loss against the
                         capacity factor, one line per router (dropless runs
                         as dashed lines)
   router_entropy.png    router entropy over training (mean over layers,
-                        divided by ln E; ln(E*P) for Soft MoE's slots)
+                        divided by ln E; ln(E*P) for Soft MoE's slots), one
+                        panel per task
   results.md, results.csv  one row per run (as experiments/sweep.py)
 
 --runs=REGEX keeps the runs whose name matches; --load_runs=REGEX picks the
@@ -51,7 +56,8 @@ _RUNS = flags.DEFINE_string(
 _LOAD_RUNS = flags.DEFINE_string(
     "load_runs", None, "Regex: the runs drawn in expert_load.png (default: "
     "every MoE run kept by --runs).")
-_DPI = flags.DEFINE_integer("dpi", 80, "PNG resolution.", lower_bound=20)
+_DPI = flags.DEFINE_integer("dpi", 100, "PNG resolution (at 100, 10 pt "
+                            "text is ~14 px).", lower_bound=20)
 
 MOE_PREFIX = "train/moe/layer"
 
@@ -197,10 +203,19 @@ def load_runs(sweep_dir=None, workdirs=(), runs_regex=None):
 # ------------------------------------------------------------- figures
 
 
+# Sizes in points; at the default --dpi=100 a 10 pt label is ~14 px tall,
+# legible at 100% zoom.
+FONT = {"font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10,
+        "xtick.labelsize": 9, "ytick.labelsize": 9, "legend.fontsize": 9,
+        "figure.titlesize": 12}
+TASK_TITLES = {"lm": "language model", "classification": "ViT (digits)"}
+
+
 def _plt():
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  plt.rcParams.update(FONT)
   return plt
 
 
@@ -216,6 +231,10 @@ def smooth(values, window):
 
 
 def _save(fig, path, dpi):
+  """Writes `fig` to `path` and returns the path; path None: returns the
+  figure itself, open (for tests and notebooks)."""
+  if path is None:
+    return fig
   fig.savefig(path, dpi=dpi, bbox_inches="tight")
   _plt().close(fig)
   return path
@@ -225,6 +244,30 @@ def _colors(n):
   plt = _plt()
   cmap = plt.get_cmap("tab20" if n > 10 else "tab10")
   return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _styles(runs):
+  """{run name: (colour, line style)}: up to 10 colours, then the same
+  colours dashed, then dotted, so a legend entry names one line."""
+  cmap = _plt().get_cmap("tab10")
+  dashes = ["-", "--", ":", "-."]
+  return {r.name: (cmap(i % 10), dashes[(i // 10) % len(dashes)])
+          for i, r in enumerate(runs)}
+
+
+def _by_task(runs):
+  """[(task, runs)] in a stable order: LM first, then the others."""
+  tasks = {}
+  for run in runs:
+    tasks.setdefault(run.task, []).append(run)
+  return sorted(tasks.items(), key=lambda kv: (kv[0] != "lm", kv[0]))
+
+
+def _legend_right(ax, ncol=1):
+  """The legend outside the axes on the right, one entry per line."""
+  if ax.get_legend_handles_labels()[0]:
+    ax.legend(loc="upper left", bbox_to_anchor=(1.02, 1.0), ncol=ncol,
+              frameon=False, borderaxespad=0.0, handlelength=2.5)
 
 
 def _zoom(ax, start_fraction):
@@ -242,45 +285,71 @@ def _zoom(ax, start_fraction):
     ax.set_ylim(lo - pad, hi + pad)
 
 
-def plot_losses(runs, path, dpi=80):
-  """Train loss (moving average) and validation loss against steps, one
-  colour per run, and the final validation loss of each run as labelled
-  bars (they name the colours)."""
+def plot_losses(runs, path, dpi=100):
+  """How does each run's loss evolve? Train loss (moving average) and
+  validation loss against steps, one line per run (of one task), with a
+  legend naming every line."""
   plt = _plt()
-  fig, (ax_t, ax_v, ax_b) = plt.subplots(
-      1, 3, figsize=(12, 0.9 + max(3.0, 0.24 * len(runs))),
-      gridspec_kw=dict(width_ratios=[1.1, 1.0, 1.0]), layout="constrained")
-  finals = []
-  for run, color in zip(runs, _colors(len(runs))):
+  styles = _styles(runs)
+  fig, (ax_t, ax_v) = plt.subplots(
+      1, 2, figsize=(12, 4.2 + 0.1 * max(0, len(runs) - 12)),
+      layout="constrained", sharex=True)
+  for run in runs:
+    color, ls = styles[run.name]
     steps, values = run.series("train/ce_loss")
     if steps:
       window = max(1, len(values) // 25)
-      ax_t.plot(steps, smooth(values, window), color=color, lw=1)
+      ax_t.plot(steps, smooth(values, window), color=color, ls=ls, lw=1.4,
+                label=run.name)
     steps, values = run.series("eval/ce_loss")
     if steps:
-      ax_v.plot(steps, values, "o-", color=color, lw=1, ms=3)
-      finals.append((values[-1], run.name, color))
+      ax_v.plot(steps, values, "o", color=color, ls=ls, lw=1.4, ms=4,
+                label=run.name)
+  title = TASK_TITLES.get(runs[0].task, runs[0].task) if runs else ""
   ax_t.set_title("train loss (moving average)")
   ax_v.set_title("validation loss")
+  fig.suptitle(f"Loss over training: {title}")
   for ax in (ax_t, ax_v):
     ax.set_xlabel("step")
     ax.set_ylabel("cross-entropy")
     ax.grid(alpha=0.3)
   _zoom(ax_t, 0.3)
   _zoom(ax_v, 0.3)
-  finals.sort()
-  if finals:
-    ys = range(len(finals))
-    ax_b.barh(ys, [f[0] for f in finals], color=[f[2] for f in finals])
-    ax_b.set_yticks(list(ys), [f[1] for f in finals], fontsize=7)
-    ax_b.invert_yaxis()
+  _legend_right(ax_v)
+  return _save(fig, path, dpi)
+
+
+def plot_final_losses(runs, path, dpi=100):
+  """Which run ends best? The final validation loss of every run, sorted,
+  one panel per task, each bar labelled with its run and value."""
+  plt = _plt()
+  groups = []
+  for task, members in _by_task(runs):
+    finals = sorted((vals[-1], r.name) for r in members
+                    for _, vals in [r.series("eval/ce_loss")] if vals)
+    if finals:
+      groups.append((task, finals))
+  if not groups:
+    return None
+  heights = [0.8 + 0.32 * len(f) for _, f in groups]
+  fig, axes = plt.subplots(len(groups), 1, squeeze=False,
+                           figsize=(8, sum(heights) + 0.4),
+                           gridspec_kw=dict(height_ratios=heights),
+                           layout="constrained")
+  for ax, (task, finals) in zip(axes[:, 0], groups):
+    ys = list(range(len(finals)))
+    ax.barh(ys, [v for v, _ in finals], color="tab:blue", alpha=0.75)
+    ax.set_yticks(ys, [name for _, name in finals])
+    ax.invert_yaxis()
     lo, hi = finals[0][0], finals[-1][0]
     pad = 0.1 * (hi - lo) + 1e-3
-    ax_b.set_xlim(lo - 4 * pad, hi + 3 * pad)
-    for y, (value, _, _) in zip(ys, finals):
-      ax_b.text(value, y, f" {value:.4f}", va="center", fontsize=6)
-  ax_b.set_title("final validation loss")
-  ax_b.grid(alpha=0.3, axis="x")
+    ax.set_xlim(lo - 4 * pad, hi + 3 * pad)
+    for y, (value, _) in zip(ys, finals):
+      ax.text(value, y, f" {value:.4f}", va="center", fontsize=9)
+    ax.set_title(f"final validation loss: {TASK_TITLES.get(task, task)} "
+                 f"(lower is better)")
+    ax.set_xlabel("cross-entropy")
+    ax.grid(alpha=0.3, axis="x")
   return _save(fig, path, dpi)
 
 
@@ -297,18 +366,28 @@ def _bin_columns(steps, mat, max_bins):
   return step_edges, binned
 
 
-def plot_expert_load(runs, path, dpi=80, max_bins=60):
-  """Heatmaps: one row per MoE run, one column per layer; x = step (averaged
-  into at most `max_bins` bins), y = expert, colour = the expert's share of
-  the kept assignments times E (1 = a uniform load)."""
+def expert_ticks(num_experts, max_ticks=8):
+  """(tick positions, labels) for E experts drawn as rows [e, e + 1): at
+  the row centres, integer labels, every k-th so at most `max_ticks`."""
+  every = max(1, math.ceil(num_experts / max_ticks))
+  experts = list(range(0, num_experts, every))
+  return [e + 0.5 for e in experts], [str(e) for e in experts]
+
+
+def plot_expert_load(runs, path, dpi=100, max_bins=60):
+  """How evenly do the experts share the load over training? Heatmaps: one
+  row per MoE run, one column per layer; x = step (averaged into at most
+  `max_bins` bins), y = expert, colour = the expert's share of the kept
+  assignments times E (1 = a uniform load)."""
   plt = _plt()
   from matplotlib import colors  # pylint: disable=g-import-not-at-top
   runs = [r for r in runs if r.moe_layers]
   if not runs:
     return None
+  runs = [r for _, members in _by_task(runs) for r in members]
   ncols = max(len(r.moe_layers) for r in runs)
   fig, axes = plt.subplots(len(runs), ncols, squeeze=False,
-                           figsize=(3.6 * ncols, 0.8 + 1.0 * len(runs)),
+                           figsize=(3.8 * ncols + 1.2, 0.6 + 1.55 * len(runs)),
                            layout="constrained")
   norm = colors.TwoSlopeNorm(vmin=0.0, vcenter=1.0, vmax=3.0)
   image = None
@@ -320,15 +399,17 @@ def plot_expert_load(runs, path, dpi=80, max_bins=60):
       if mat is None:
         ax.axis("off")
         continue
-      edges, binned = _bin_columns(steps, mat * mat.shape[0], max_bins)
-      image = ax.pcolormesh(edges, range(mat.shape[0] + 1), binned,
+      num_experts = mat.shape[0]
+      edges, binned = _bin_columns(steps, mat * num_experts, max_bins)
+      image = ax.pcolormesh(edges, range(num_experts + 1), binned,
                             cmap="RdBu_r", norm=norm, shading="flat")
       ax.invert_yaxis()
-      ax.set_title(f"{run.name}: layer {run.moe_layers[j]}", fontsize=7)
-      ax.set_ylabel("expert", fontsize=6)
-      ax.tick_params(labelsize=6)
+      ax.set_yticks(*expert_ticks(num_experts))
+      ax.set_title(f"{run.name}: layer {run.moe_layers[j]}", fontsize=10)
+      if j == 0:
+        ax.set_ylabel("expert")
       if i == len(runs) - 1:
-        ax.set_xlabel("step", fontsize=7)
+        ax.set_xlabel("step")
   if image is not None:
     fig.colorbar(image, ax=axes, fraction=0.03, pad=0.01, aspect=40,
                  label="expert load x E (1 = uniform)")
@@ -343,8 +424,10 @@ def _router_label(run):
   return ",".join(parts) or "default"
 
 
-def plot_dropped_vs_cf(runs, path, dpi=80):
-  """Dropped fraction and validation loss against the capacity factor.
+def plot_dropped_vs_cf(runs, path, dpi=100):
+  """What does the capacity factor cost? Dropped fraction and validation
+  loss against the capacity factor, one line per router (one legend for
+  both panels).
 
   Runs group by their name without the capacity factor and engine; a group
   with two or more capacity factors is a line; its dropless run (engine
@@ -356,7 +439,8 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
     if not run.summary or not run.moe_layers:
       continue
     groups.setdefault(_router_label(run), []).append(run)
-  fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(10, 3.8))
+  fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2),
+                                   layout="constrained")
   colors = _colors(max(len(groups), 1))
   drawn = False
   for (label, members), color in zip(groups.items(), colors):
@@ -369,26 +453,26 @@ def plot_dropped_vs_cf(runs, path, dpi=80):
       continue
     drawn = True
     cfs = [r.moe("capacity_factor") for r in capped]
-    ax_d.plot(cfs, [sweep_lib.layer_mean(r.summary, "dropped_fraction") for r in capped],
-              "o-", color=color, label=label)
+    ax_d.plot(cfs, [sweep_lib.layer_mean(r.summary, "dropped_fraction")
+                    for r in capped], "o-", color=color, lw=1.6)
     ax_l.plot(cfs, [r.summary.get("eval_ce_loss") for r in capped], "o-",
-              color=color, label=label)
+              color=color, lw=1.6, label=f"{label}")
     for r in dropless:
       loss = r.summary.get("eval_ce_loss")
       if loss is not None:
-        ax_l.axhline(loss, color=color, ls="--", lw=1,
-                     label=f"{label} dropless")
+        ax_l.axhline(loss, color=color, ls="--", lw=1.2,
+                     label=f"{label}, dropless")
   ax_d.set_xlabel("capacity factor")
   ax_d.set_ylabel("dropped fraction (train)")
   ax_d.set_title("dropped assignments")
   ax_l.set_xlabel("capacity factor")
   ax_l.set_ylabel("validation loss")
   ax_l.set_title("validation loss (dashed: dropless)")
+  fig.suptitle("Capacity factor: tokens dropped and what they cost")
   for ax in (ax_d, ax_l):
     ax.grid(alpha=0.3)
   if drawn:
-    ax_d.legend(fontsize=8)
-    ax_l.legend(fontsize=7)
+    _legend_right(ax_l)
   else:
     ax_d.text(0.5, 0.5, "no run group with 2+ capacity factors",
               ha="center", transform=ax_d.transAxes)
@@ -400,31 +484,41 @@ def _num_choices(run):
   return run.num_experts * (run.moe("slots_per_expert") or 1)
 
 
-def plot_router_entropy(runs, path, dpi=80):
-  """Router entropy over training steps (mean over MoE layers), divided by
-  its maximum ln(E) (ln(E*P) for Soft MoE slots)."""
+def plot_router_entropy(runs, path, dpi=100):
+  """How confident do the routers become? Router entropy over training
+  steps (mean over MoE layers), divided by its maximum ln(E) (ln(E*P) for
+  Soft MoE slots); one panel per task, each with its legend."""
   plt = _plt()
-  runs = [r for r in runs if r.moe_layers]
-  fig, ax = plt.subplots(figsize=(9, 4), layout="constrained")
-  for run, color in zip(runs, _colors(max(len(runs), 1))):
-    per_layer = [dict(zip(*run.series(f"{MOE_PREFIX}{l}/router_entropy")))
-                 for l in run.moe_layers]
-    steps = sorted(set.intersection(*(set(d) for d in per_layer))
-                   if per_layer else set())
-    n = _num_choices(run)
-    if not steps or n < 2:
-      continue
-    values = [sum(d[s] for d in per_layer) / len(per_layer) / math.log(n)
-              for s in steps]
-    window = max(1, len(values) // 25)
-    ax.plot(steps, smooth(values, window), color=color, lw=1,
-            label=run.name)
-  ax.set_xlabel("step")
-  ax.set_ylabel("router entropy / ln E")
-  ax.set_title("router entropy (mean over layers; 1 = uniform)")
-  ax.grid(alpha=0.3)
-  if ax.get_lines():
-    ax.legend(fontsize=6, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  groups = [(t, [r for r in m if r.moe_layers and _num_choices(r) >= 2])
+            for t, m in _by_task(runs)]
+  groups = [(t, m) for t, m in groups if m]
+  if not groups:
+    return None
+  fig, axes = plt.subplots(1, len(groups), squeeze=False,
+                           figsize=(6.2 * len(groups) + 2.5, 4.4),
+                           layout="constrained")
+  for ax, (task, members) in zip(axes[0], groups):
+    styles = _styles(members)
+    for run in members:
+      per_layer = [dict(zip(*run.series(f"{MOE_PREFIX}{l}/router_entropy")))
+                   for l in run.moe_layers]
+      steps = sorted(set.intersection(*(set(d) for d in per_layer)))
+      if not steps:
+        continue
+      n = _num_choices(run)
+      values = [sum(d[s] for d in per_layer) / len(per_layer) / math.log(n)
+                for s in steps]
+      window = max(1, len(values) // 25)
+      color, ls = styles[run.name]
+      ax.plot(steps, smooth(values, window), color=color, ls=ls, lw=1.4,
+              label=run.name)
+    ax.set_xlabel("step")
+    ax.set_ylabel("router entropy / ln E")
+    ax.set_title(TASK_TITLES.get(task, task))
+    ax.grid(alpha=0.3)
+    _legend_right(ax)
+  fig.suptitle("Router entropy over training (mean over layers; 1 = "
+               "uniform)")
   return _save(fig, path, dpi)
 
 
@@ -443,7 +537,7 @@ def write_tables(runs, out_dir):
   return rows
 
 
-def make_report(runs, out_dir, dpi=80, load_runs=None):
+def make_report(runs, out_dir, dpi=100, load_runs=None):
   """Writes every figure and the tables; returns the paths written.
 
   load_runs: a regex choosing the runs of expert_load.png (None: all).
@@ -461,6 +555,7 @@ def make_report(runs, out_dir, dpi=80, load_runs=None):
                                dpi))
   load = [r for r in runs if not load_runs or re.search(load_runs, r.name)]
   for fn, chosen, name in (
+      (plot_final_losses, runs, "final_loss.png"),
       (plot_expert_load, load, "expert_load.png"),
       (plot_dropped_vs_cf, runs, "dropped_vs_cf.png"),
       (plot_router_entropy, runs, "router_entropy.png")):

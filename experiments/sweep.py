@@ -34,6 +34,9 @@ At the end, and again whenever a run finishes, the sweep writes:
                            metrics from each run's summary.json
   <sweep_dir>/results.md   the same as a markdown table
 
+`--launcher=slurm` submits the unfinished runs as one submitit job array
+instead, with the same skip, resume and results (experiments/sweep_slurm.py).
+
 `--collect_only` only rewrites the results; `--dry_run` prints the commands.
 experiments/report.py draws the figures. See docs/training.md.
 """
@@ -861,7 +864,8 @@ def main(argv):
     return
   log = lambda msg: print(msg, flush=True)
   start = time.monotonic()
-  if _PARALLEL.value > 1:
+  slurm = _LAUNCHER.value == "slurm"
+  if _PARALLEL.value > 1 or slurm:
     from moejax.train import errors  # pylint: disable=g-import-not-at-top
     try:
       prepare_data(runs)
@@ -869,10 +873,24 @@ def main(argv):
       sys.exit(f"sweep: bad grid: {e}")
     except errors.DatasetError as e:  # a damaged dataset file: names it
       sys.exit(f"sweep: {e}")
+  on_change = lambda s: write_results(runs, sweep_dir, s)
   try:
-    status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
-                       keep_going=_KEEP_GOING.value, log=log,
-                       on_change=lambda s: write_results(runs, sweep_dir, s))
+    if slurm:
+      from experiments import sweep_slurm  # pylint: disable=g-import-not-at-top
+      executor = sweep_slurm.make_executor(
+          sweep_dir, cluster=_SLURM_CLUSTER.value,
+          partition=_SLURM_PARTITION.value, time_min=_SLURM_TIME_MIN.value,
+          nodes=_SLURM_NODES.value, tasks_per_node=_SLURM_TASKS_PER_NODE.value,
+          gpus_per_node=_SLURM_GPUS_PER_NODE.value,
+          cpus_per_task=_SLURM_CPUS_PER_TASK.value,
+          mem_gb=_SLURM_MEM_GB.value,
+          array_parallelism=_SLURM_ARRAY_PARALLELISM.value)
+      status = sweep_slurm.run_sweep_slurm(runs, executor, log=log,
+                                           on_change=on_change)
+    else:
+      status = run_sweep(runs, sweep_dir, parallel=_PARALLEL.value,
+                         keep_going=_KEEP_GOING.value, log=log,
+                         on_change=on_change)
   except SweepInterrupted as e:
     write_results(runs, sweep_dir, e.status)
     sys.exit("[sweep] interrupted; run the same command to resume")
@@ -890,7 +908,10 @@ def define_flags():
   """Defines the app's flags (only when run as the app: experiments/report.py
   imports this module for its table helpers)."""
   global _CONFIG, _SWEEP_DIR, _PARALLEL, _FILE_GRID, _DRY_RUN
-  global _COLLECT_ONLY, _CHECK_MODELS, _KEEP_GOING
+  global _COLLECT_ONLY, _CHECK_MODELS, _KEEP_GOING, _LAUNCHER
+  global _SLURM_CLUSTER, _SLURM_PARTITION, _SLURM_TIME_MIN, _SLURM_NODES
+  global _SLURM_TASKS_PER_NODE, _SLURM_GPUS_PER_NODE, _SLURM_CPUS_PER_TASK
+  global _SLURM_MEM_GB, _SLURM_ARRAY_PARALLELISM
   _CONFIG = flags.DEFINE_string(
       "config", None, "Config file, path[:arg] (as experiments/train.py).",
       required=True)
@@ -912,6 +933,36 @@ def define_flags():
   _KEEP_GOING = flags.DEFINE_boolean(
       "keep_going", True, "Go on with the other runs when one fails (the sweep "
       "still exits with status 1).")
+  _LAUNCHER = flags.DEFINE_enum(
+      "launcher", "local", ["local", "slurm"], "local: subprocesses here "
+      "(--parallel at a time); slurm: one submitit job array "
+      "(experiments/sweep_slurm.py; needs moejax[slurm]).")
+  _SLURM_CLUSTER = flags.DEFINE_enum(
+      "slurm_cluster", "slurm", ["slurm", "local", "debug"],
+      "submitit backend of --launcher=slurm: slurm, or local/debug to run "
+      "the same array on this machine.")
+  _SLURM_PARTITION = flags.DEFINE_string("slurm_partition", None,
+                                         "SLURM partition.")
+  _SLURM_TIME_MIN = flags.DEFINE_integer(
+      "slurm_time_min", 60, "Time limit of each job, in minutes; a job that "
+      "reaches it saves (SIGTERM) and the same command resumes it.",
+      lower_bound=1)
+  _SLURM_NODES = flags.DEFINE_integer(
+      "slurm_nodes", 1, "Nodes per run (>1: a multi-host run through "
+      "jax.distributed).", lower_bound=1)
+  _SLURM_TASKS_PER_NODE = flags.DEFINE_integer(
+      "slurm_tasks_per_node", 1, "Training processes per node.",
+      lower_bound=1)
+  _SLURM_GPUS_PER_NODE = flags.DEFINE_integer(
+      "slurm_gpus_per_node", 0, "GPUs per node (0: none requested).",
+      lower_bound=0)
+  _SLURM_CPUS_PER_TASK = flags.DEFINE_integer(
+      "slurm_cpus_per_task", None, "CPUs per task.", lower_bound=1)
+  _SLURM_MEM_GB = flags.DEFINE_integer("slurm_mem_gb", None,
+                                       "Memory per node, GB.", lower_bound=1)
+  _SLURM_ARRAY_PARALLELISM = flags.DEFINE_integer(
+      "slurm_array_parallelism", 64, "Array tasks running at once.",
+      lower_bound=1)
 
 
 def run_main():

@@ -26,6 +26,7 @@ import os
 import re
 import signal
 import sys
+import traceback
 
 from absl import app
 from absl import flags
@@ -80,6 +81,8 @@ def main(argv):
   try:
     train.train_and_evaluate(config, _WORKDIR.value)
   except train.TrainingError as e:
+    if wants_traceback(sys.argv):
+      traceback.print_exception(e)
     print(f"training stopped: {e}", file=sys.stderr, flush=True)
     sys.exit(exit_status(e))
 
@@ -133,9 +136,27 @@ def parse_flags(argv):
   except Exception as e:  # pylint: disable=broad-except
     from moejax.train import errors  # pylint: disable=g-import-not-at-top
     line = flag_error_line(argv, e)
+    if wants_traceback(argv):
+      traceback.print_exception(e)
     print(f"training stopped: {errors.ConfigError([line])}", file=sys.stderr,
           flush=True)
     sys.exit(2)
+
+
+def wants_traceback(argv):
+  """True when the command line asks for debug output (`--verbosity=1` or
+  more, absl's DEBUG): errors then print their traceback before the one
+  `training stopped:` line, which still ends stderr."""
+  level = None
+  for i, arg in enumerate(argv):
+    m = re.match(r"^--?(?:verbosity|v)(?:=(.*))?$", arg)
+    if m:
+      level = m.group(1) if m.group(1) is not None else (
+          argv[i + 1] if i + 1 < len(argv) else None)
+  try:
+    return level is not None and int(level) >= 1
+  except ValueError:
+    return False
 
 
 _KINDS = {"int": "an integer", "float": "a number", "bool": "true or false",
@@ -151,8 +172,10 @@ def flag_error_line(argv, error):
       return line
   text = str(error)
   if isinstance(error, OSError):
-    return (f"--config={_config_arg(argv)}: cannot load the config file: "
-            f"{_last_line(text)}")
+    return _config_file_line(_config_arg(argv), error)
+  m = re.match(r"Unknown command line flag '([\w.-]+)'", text)
+  if m:
+    return _unknown_flag_line(argv, m.group(1))
   m = re.match(r"flag --(config\.[\w.]+)=(.*?): (.*)$", text, re.S)
   if m:
     name, value, why = m.groups()
@@ -170,6 +193,42 @@ def flag_error_line(argv, error):
   if isinstance(error, flags.Error):
     return _last_line(text)
   return f"{type(error).__name__}: {_last_line(text)}{_where(error)}"
+
+
+def _config_file_line(value, error):
+  """--config=<value> names no file it can read: why, and the close match
+  among the config files of that directory."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  path = value.split(":", 1)[0]
+  # (ml_collections raises a bare OSError whose text holds the errno.)
+  missing = (isinstance(error, FileNotFoundError)
+             or "No such file or directory" in str(error))
+  why = "no such file" if missing else _last_line(str(error))
+  directory = os.path.dirname(path) or "."
+  try:
+    files = sorted(f for f in os.listdir(directory) if f.endswith(".py")
+                   and not f.startswith("_"))
+  except OSError:
+    files = []
+  close = difflib.get_close_matches(os.path.basename(path), files, n=1)
+  hint = (f"did you mean --config={os.path.join(directory, close[0])}?"
+          if close else f"the config files in {directory}: {files}" if files
+          else "pass a path to a config file (e.g. "
+          f"--config={os.path.relpath(_DEFAULT_CONFIG)})")
+  return f"--config={value}: cannot load the config file {path!r} ({why}); " + hint
+
+
+def _unknown_flag_line(argv, name):
+  """An unknown flag: the closest flag this app defines, if any."""
+  import difflib  # pylint: disable=g-import-not-at-top
+  arg = next((a for a in argv if re.match(rf"^--?(no)?{re.escape(name)}(=|$)",
+                                          a)), f"--{name}")
+  known = [n for n in flags.FLAGS if len(n) > 1 and not n.startswith("config.")]
+  close = difflib.get_close_matches(name, known, n=1)
+  if close:
+    return f"{arg}: unknown flag; did you mean --{close[0]}?"
+  return (f"{arg}: unknown flag; allowed: --config, --workdir, "
+          "--config.<field>=<value> and absl's flags (--helpfull)")
 
 
 def _last_line(text):
@@ -225,17 +284,47 @@ def _unknown_field_line(argv):
       if part in keys:
         node = node[part]
         continue
-      close = difflib.get_close_matches(part, keys, n=1)
-      if not close:
+      fixed = _closest_path(node, part, parts[i + 1:])
+      if fixed is None:
         return (f"{arg}: {where} has no field {part!r}; allowed: its "
                 f"fields {sorted(keys)}")
-      fixed = [*parts[:i], close[0]]
-      rest = parts[i + 1:]
-      if rest and _has_path(node[close[0]], rest):
-        fixed += rest
       return (f"{arg}: {where} has no field {part!r}; did you mean "
-              f"--config.{'.'.join(fixed)}?")
+              f"--config.{'.'.join([*parts[:i], *fixed])}?")
   return None
+
+
+def _closest_path(node, part, rest):
+  """The path below `node` that a misspelt `part` (followed by `rest`) most
+  likely meant, as a list of keys; None if nothing is close.
+
+  A field of `node` itself (`mo` -> `moe`, keeping `rest` when it exists
+  under it) or, for a leaf flag, a field deeper down whose own name is
+  close (`moe.num_expert` -> `moe.experts.num_experts`): the closer name
+  wins, a direct field on a tie.
+  """
+  import difflib  # pylint: disable=g-import-not-at-top
+  keys = list(node.keys())
+  ratio = lambda a: difflib.SequenceMatcher(None, part, a).ratio()
+  best, best_ratio = None, 0.6  # difflib.get_close_matches' cutoff
+  for key in keys:
+    if ratio(key) >= best_ratio and (best is None or ratio(key) > best_ratio):
+      best, best_ratio = [key], ratio(key)
+  if best is not None and rest and _has_path(node[best[0]], rest):
+    return best + list(rest)
+  if not rest:
+    for path in _leaf_paths(node):
+      if len(path) > 1 and ratio(path[-1]) > best_ratio:
+        best, best_ratio = path, ratio(path[-1])
+  return best
+
+
+def _leaf_paths(node, prefix=()):
+  for key in node.keys():
+    value = node[key]
+    if hasattr(value, "keys"):
+      yield from _leaf_paths(value, (*prefix, key))
+    else:
+      yield [*prefix, key]
 
 
 def _has_path(node, parts):

@@ -80,7 +80,11 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       name="decoder_lm", vocab_size=data.VOCAB_SIZE, model_dim=m,
       num_layers=layers, num_heads=heads, mlp_dim=mlp, moe_every=moe_every,
-      activation="swiglu", tie_embeddings=True, dtype="float32",
+      activation="swiglu", tie_embeddings=True,
+      # Scale: scan over periods of moe_every blocks, rematerialisation
+      # (none, full, save_dots, save_moe_outputs, offload), and bfloat16
+      # compute over float32 master weights with dtype='bfloat16'.
+      scan_layers=False, remat="none", dtype="float32",
       param_dtype="float32"))
   # The MoE layers (moejax.layers.build_moe's nested config; unset options
   # are None placeholders: the layer's defaults).

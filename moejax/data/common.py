@@ -7,10 +7,13 @@ arguments. TensorFlow is never imported; TFDS datasets are written as
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
+import logging
 import os
 import tempfile
-from typing import Any
+from typing import Any, Iterator
 
 import grain
 import tensorflow_datasets as tfds
@@ -24,6 +27,48 @@ DATA_DIR_ENV = "MOEJAX_DATA_DIR"
 #: datasets; pass `read_options=` (or append `.mp_prefetch`) to scale up.
 DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2,
                                          prefetch_buffer_size=32)
+
+
+class _DropTfdsChatter(logging.Filter):
+  """Drops TFDS's log records below ERROR ("Using custom data
+  configuration", "Variant folder ... has no dataset_info.json", INFO)."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return (record.levelno >= logging.ERROR
+            or f"{os.sep}tensorflow_datasets{os.sep}" not in record.pathname)
+
+
+@contextlib.contextmanager
+def quiet_tfds() -> Iterator[None]:
+  """Within: no TFDS progress bars, no TFDS log lines below ERROR, and no
+  TFDS prints ("Downloading and preparing dataset ...", "Dataset ...
+  downloaded and prepared to ..."). Everything is restored on exit.
+
+  TFDS logs through absl (the Python logger "absl") and prints its
+  download messages with termcolor to stdout; only those prints are held
+  back: stdout is swapped for a buffer only around TFDS calls made here,
+  and the buffer is dropped.
+  """
+  from tensorflow_datasets.core.utils import tqdm_utils  # pylint: disable=g-import-not-at-top
+
+  bars = tqdm_utils._active  # pylint: disable=protected-access
+  tqdm_utils.display_progress_bar(False)
+  chatter = _DropTfdsChatter()
+  loggers = [logging.getLogger("absl")]
+  for logger in loggers:
+    logger.addFilter(chatter)
+  try:
+    with contextlib.redirect_stdout(io.StringIO()):
+      yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(chatter)
+    tqdm_utils.display_progress_bar(bars)
+
+
+def announce(message: str) -> None:
+  """The one line a data build prints (stdout, flushed)."""
+  print(message, flush=True)
 
 
 def default_data_dir() -> str:
@@ -133,7 +178,9 @@ def open_external_source(
       prepared in `data_dir` while `download=False`.
   """
   try:
-    builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+    with quiet_tfds():
+      builder = tfds.builder(name, data_dir=data_dir,
+                             file_format="array_record")
   except tfds.core.registered.DatasetNotFoundError as e:
     raise ValueError(
         f"Unknown dataset {name!r}. Embedded datasets (built locally, no "
@@ -142,7 +189,9 @@ def open_external_source(
         "tfds.list_builders(with_community_datasets=False)) that is already "
         "prepared as array_record in data_dir or downloadable (pass "
         "download=True on a machine with internet).") from e
-  if not builder.is_prepared():
+  with quiet_tfds():
+    prepared = builder.is_prepared()
+  if not prepared:
     if not download:
       raise ValueError(
           f"TFDS dataset {name!r} is not prepared in data_dir={data_dir!r}. "
@@ -150,10 +199,14 @@ def open_external_source(
           "TFDS builders also need TensorFlow: pip install moejax[tf]), or "
           f"use an embedded dataset: {list(embedded)}.")
     ensure_writable_dir(data_dir)
-    builder.download_and_prepare(file_format="array_record")
+    announce(f"downloading and building the TFDS dataset {name} into "
+             f"{data_dir}")
+    with quiet_tfds():
+      builder.download_and_prepare(file_format="array_record")
   check_split(builder, split)
-  source = tfds.data_source(name, split=split, data_dir=data_dir,
-                            download=False)
+  with quiet_tfds():
+    source = tfds.data_source(name, split=split, data_dir=data_dir,
+                              download=False)
   return source, builder
 
 

@@ -341,9 +341,12 @@ def prepare_stdlib_bytes(
         validation_fraction=validation_fraction))
   if rebuild:
     integrity.remove_for_rebuild(version_dir, data_dir)
-  builder = StdlibBytes(data_dir=data_dir, config=config,
-                        file_format="array_record")
-  if builder.is_prepared() and not rebuild:
+  with common.quiet_tfds():
+    builder = StdlibBytes(data_dir=data_dir, config=config,
+                          file_format="array_record")
+  with common.quiet_tfds():
+    prepared = builder.is_prepared()
+  if prepared and not rebuild:
     built = builder.info.metadata.get("file_list_sha256")
     if built != file_list_sha256(files):
       raise ValueError(
@@ -355,11 +358,14 @@ def prepare_stdlib_bytes(
   common.ensure_writable_dir(data_dir)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if rebuild
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  common.announce(f"building the stdlib corpus into {builder.data_dir} "
+                  f"({len(files)} files)")
   # The builder's file format (array_record) is set at construction; passing
   # it again here fails on a rebuild ("already fully initialized").
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False, download_mode=mode))
+  with common.quiet_tfds():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, download_mode=mode))
   integrity.write_manifest(os.fspath(builder.data_dir))
   return builder
 

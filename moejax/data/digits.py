@@ -120,19 +120,38 @@ def prepare_sklearn_digits(
     integrity.verify_files(version_dir, rebuild=rebuild_command(data_dir))
   if rebuild:
     integrity.remove_for_rebuild(version_dir, data_dir)
-  builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
-  if builder.is_prepared() and not rebuild:
+  with common.quiet_tfds():
+    builder = SklearnDigits(data_dir=data_dir, file_format="array_record")
+  with common.quiet_tfds():
+    prepared = builder.is_prepared()
+  if prepared and not rebuild:
     return builder
   common.ensure_writable_dir(data_dir)
   mode = (tfds.download.GenerateMode.FORCE_REDOWNLOAD if rebuild
           else tfds.download.GenerateMode.REUSE_DATASET_IF_EXISTS)
+  _require_sklearn()
+  common.announce(f"building the sklearn digits into {builder.data_dir} "
+                  "(1797 images)")
   # The builder's file format (array_record) is set at construction; passing
   # it again here fails on a rebuild ("already fully initialized").
-  builder.download_and_prepare(
-      download_config=tfds.download.DownloadConfig(
-          try_download_gcs=False, download_mode=mode))
+  with common.quiet_tfds():
+    builder.download_and_prepare(
+        download_config=tfds.download.DownloadConfig(
+            try_download_gcs=False, download_mode=mode))
   integrity.write_manifest(os.fspath(builder.data_dir))
   return builder
+
+
+def _require_sklearn() -> None:
+  """Raises ImportError naming the extra when scikit-learn is missing (only
+  a build needs it; a prepared dataset is read without it)."""
+  try:
+    import sklearn  # pylint: disable=g-import-not-at-top,unused-import
+  except ImportError as e:
+    raise ImportError(
+        f"building the {SKLEARN_DIGITS} dataset needs scikit-learn (it "
+        "bundles the digits): pip install 'moejax[digits]' (or pip install "
+        "scikit-learn)") from e
 
 
 def rebuild_command(data_dir: str) -> str:

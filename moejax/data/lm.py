@@ -317,9 +317,10 @@ def _open_text_source(dataset, split, data_dir, source_dir, max_files,
     common.check_split(builder, split)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    source = tfds.data_source(
-        corpus.STDLIB_BYTES, split=split, data_dir=data_dir, download=False,
-        builder_kwargs={"config": builder.builder_config})
+    with common.quiet_tfds():
+      source = tfds.data_source(
+          corpus.STDLIB_BYTES, split=split, data_dir=data_dir,
+          download=False, builder_kwargs={"config": builder.builder_config})
     num_tokens = builder.info.metadata["num_tokens"].get(split)
     return source, num_tokens
   if source_dir is not None or max_files is not None:

@@ -95,8 +95,9 @@ def make_image_dataset(
     common.check_split(builder, split)
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
 
-    source = tfds.data_source(dataset, split=split, data_dir=data_dir,
-                              download=False)
+    with common.quiet_tfds():
+      source = tfds.data_source(dataset, split=split, data_dir=data_dir,
+                                download=False)
     max_pixel_value = builder.info.metadata["max_pixel_value"]
   else:
     if dataset in lm.EMBEDDED_TEXT_DATASETS:

@@ -157,6 +157,15 @@ class Router(nnx.Module):
     return logits_GSE
 
 
+def router_rngs(rngs):
+  """The router's own nnx.Rngs: `rngs.fork()`, whose 'router' stream falls
+  back to 'default' as NNX does; with neither (a Linen `init(key)` through
+  nnx.bridge passes only 'params'), a 'router' stream drawn from 'params'."""
+  if "router" in rngs or "default" in rngs:
+    return rngs.fork()
+  return nnx.Rngs(router=rngs.params())
+
+
 class TokenChoiceRouter(Router):
   """Top-k token choice (Switch k=1, GShard k=2, Mixtral, ...).
 
@@ -217,7 +226,7 @@ class TokenChoiceRouter(Router):
                             second_expert_policy == "random")
     self.w_router_ME = router_weight(rngs, model_dim, num_experts)
     self.b_router_E = router_bias(rngs, num_experts, use_bias)
-    self.rngs = None if self.group_local else rngs.fork()
+    self.rngs = None if self.group_local else router_rngs(rngs)
 
   def __call__(self, x_GSM, *, capacity, padding_mask_GS=None,
                token_ids_GS=None, deterministic=False):
@@ -260,7 +269,7 @@ class NoisyTopKRouter(Router):
     self.w_noise_ME = params_lib.param(
         rngs, nnx.initializers.zeros_init(), (model_dim, num_experts),
         (nt.EMBED, nt.EXPERT), jnp.float32)
-    self.rngs = rngs.fork()
+    self.rngs = router_rngs(rngs)
 
   def __call__(self, x_GSM, *, capacity, padding_mask_GS=None,
                token_ids_GS=None, deterministic=False):

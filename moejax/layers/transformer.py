@@ -12,6 +12,7 @@ from typing import Optional
 
 from flax import nnx
 import jax
+from jax.ad_checkpoint import checkpoint_name
 import jax.numpy as jnp
 
 from moejax import notation as nt
@@ -21,6 +22,9 @@ from moejax.layers import params as params_lib
 from moejax.layers import soft_moe as soft_moe_lib
 
 NORMS = ("rmsnorm", "layernorm")
+# The name TransformerBlock gives its MoE layer's output
+# (jax.ad_checkpoint.checkpoint_name), for remat policies that keep it.
+MOE_OUTPUT = "moe_output"
 
 
 def _check_int(name, value, minimum):
@@ -293,6 +297,8 @@ class TransformerBlock(nnx.Module):
                             deterministic=deterministic)
     else:
       y_BLM = self.ffn(h_BLM)
+    if aux is not None:
+      y_BLM = checkpoint_name(y_BLM, MOE_OUTPUT)
     return x_BLM + y_BLM.astype(self.dtype), aux
 
 

@@ -87,7 +87,7 @@ def count_params(model):
               active=int(round(total - experts + experts_active)),
               embedding=_embedding_params(model), experts=int(experts),
               experts_active=int(round(experts_active)),
-              num_moe_layers=len(moe_layers))
+              num_moe_layers=len(getattr(model, "moe_layers", moe_layers)))
 
 
 def _attention_flops(attn, seq_len):
@@ -126,10 +126,13 @@ def flops_breakdown(model, seq_len=None):
     raise ValueError("seq_len is needed for the attention FLOPs")
   parts = dict(attention_proj=0.0, attention_scores=0.0, dense_ffn=0.0,
                moe=0.0, embed_and_head=0.0)
+  # Scanned blocks (scan_layers) hold stacked parameters, so num_params
+  # already counts every repeat; the scores term is per block.
+  repeats = getattr(model, "scan_repeats", 1)
   for block in model.blocks:
     proj, scores = _attention_flops(block.attention, seq_len)
     parts["attention_proj"] += proj
-    parts["attention_scores"] += scores
+    parts["attention_scores"] += scores * repeats
     if isinstance(block.ffn, ffn_lib.DenseFFN):
       parts["dense_ffn"] += 2 * num_params(block.ffn)
     else:
@@ -180,7 +183,10 @@ def _fmt(n):
 def _moe_summary(model):
   if not model.moe_layers:
     return "dense (no MoE layers)"
-  layer = model.blocks[model.moe_layers[0]].ffn
+  period = (model.scan_period if getattr(model, "scan_layers", False)
+            else None)  # scanned: the blocks of one period
+  first = model.moe_layers[0]
+  layer = model.blocks[first % period if period else first].ffn
   if isinstance(layer, soft_moe_lib.SoftMoELayer):
     desc = (f"Soft MoE E={layer.num_experts} slots/expert="
             f"{layer.slots_per_expert} H={layer.experts.hidden_dim}")

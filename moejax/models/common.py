@@ -2,8 +2,11 @@
 
 import math
 
+import jax
+
 from moejax.layers import build as build_lib
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import transformer as tfm
 
 
 def _check_int(name, value, minimum):
@@ -144,3 +147,62 @@ def flop_matched_dense_mlp_dim(hidden_dim, k, num_shared_experts=0,
       raise ValueError("moe_every > 1 needs mlp_dim (the dense layers' width)")
     matched = ((moe_every - 1) * mlp_dim + matched) / moe_every
   return int(math.floor(matched + 0.5))
+
+
+# ------------------------------------------------------------- scale
+
+# Rematerialisation policies for the blocks (a model's `remat` argument):
+#   none              keep every activation for the backward pass
+#   full              keep only each block's input; recompute the rest
+#   save_dots         keep matmul outputs without a batch dimension
+#                     (jax.checkpoint_policies.dots_with_no_batch_dims_saveable)
+#   save_moe_outputs  keep nothing but the MoE layers' outputs (named
+#                     MOE_OUTPUT with jax.ad_checkpoint.checkpoint_name)
+#   offload           move the save_dots values to pinned host memory instead
+#                     of keeping them on the device (GPU/TPU only)
+REMAT_POLICIES = ("none", "full", "save_dots", "save_moe_outputs", "offload")
+MOE_OUTPUT = tfm.MOE_OUTPUT
+
+
+def check_remat(remat):
+  if remat not in REMAT_POLICIES:
+    raise ValueError(f"remat={remat!r}; allowed: {list(REMAT_POLICIES)}")
+  return remat
+
+
+def remat_policy(remat):
+  """The jax.checkpoint policy of a REMAT_POLICIES name (None for 'full',
+  which saves nothing; not called for 'none')."""
+  cp = jax.checkpoint_policies
+  check_remat(remat)
+  if remat == "full":
+    return None
+  if remat == "save_dots":
+    return cp.dots_with_no_batch_dims_saveable
+  if remat == "save_moe_outputs":
+    return cp.save_only_these_names(MOE_OUTPUT)
+  if remat == "offload":
+    return cp.offload_dot_with_no_batch_dims("device", "pinned_host")
+  raise ValueError(f"remat={remat!r} has no policy")
+
+
+def scan_period(num_layers, moe_every, moe_layers_given, moe):
+  """The number of consecutive blocks one scan step runs: 1 for a dense
+  model or MoE in every layer, moe_every for MoE every N layers (a period of
+  N - 1 dense blocks then one MoE block). Raises ValueError (one line) for
+  stacks that do not repeat: explicit moe_layers, per-layer MoE overrides,
+  or num_layers not a multiple of moe_every."""
+  if moe_layers_given:
+    raise ValueError("scan_layers=True needs identical repeating layers: "
+                     "explicit moe_layers are not supported; use moe_every, "
+                     "or scan_layers=False")
+  if moe_every and (moe or {}).get("layers"):
+    raise ValueError("scan_layers=True needs identical repeating layers: "
+                     "per-layer MoE overrides (moe.layers) are not "
+                     "supported; remove them, or use scan_layers=False")
+  period = max(int(moe_every), 1)
+  if num_layers % period:
+    raise ValueError(f"scan_layers=True scans over periods of moe_every="
+                     f"{moe_every} blocks, so num_layers={num_layers} must be "
+                     f"a multiple of {moe_every} (or use scan_layers=False)")
+  return period

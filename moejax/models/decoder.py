@@ -3,6 +3,7 @@
 from typing import Optional
 
 from flax import nnx
+import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt
@@ -62,7 +63,21 @@ class DecoderLM(nnx.Module):
       separate w_unembed_MV.
     rope_max_wavelength: RoPE base.
     norm_eps: RMSNorm epsilon.
-    dtype, param_dtype: compute and parameter dtypes; logits are float32.
+    scan_layers: build the blocks as one stack of identical periods
+      (nnx.vmap-created parameters with a leading [num_layers / period]
+      axis) and run them with nnx.scan, so compile time does not grow with
+      depth. The period is 1 for a dense model or MoE in every layer, and
+      moe_every for MoE every N layers; explicit moe_layers, per-layer MoE
+      overrides, routers that update state (DeepSeek's bias) and a
+      num_layers that is not a multiple of moe_every are refused
+      (ValueError). `blocks` then holds the `period` blocks of one period,
+      each with stacked parameters.
+    remat: rematerialisation of each block in the backward pass, one of
+      common.REMAT_POLICIES ('none', 'full', 'save_dots',
+      'save_moe_outputs', 'offload').
+    dtype, param_dtype: compute and parameter dtypes; logits are float32
+      (bfloat16 compute with float32 master weights: dtype=jnp.bfloat16,
+      param_dtype=jnp.float32; routers and norms compute in float32).
     rngs: nnx.Rngs ('params'; MoE layers may also use 'router').
   Parameters: embed_VM [V, M] (vocab, embed); blocks; final_norm;
     w_unembed_MV [M, V] (embed, vocab) when untied.
@@ -71,13 +86,15 @@ class DecoderLM(nnx.Module):
   def __init__(self, vocab_size, model_dim, num_layers, num_heads, mlp_dim, *,
                moe_every=0, moe_layers=None, moe=None, head_dim=None, activation="swiglu",
                tie_embeddings=True, rope_max_wavelength=10_000.0,
-               norm_eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs):
+               norm_eps=1e-6, scan_layers=False, remat="none",
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
     for name, value in (("vocab_size", vocab_size), ("model_dim", model_dim),
                         ("num_layers", num_layers), ("num_heads", num_heads),
                         ("mlp_dim", mlp_dim)):
       common._check_int(name, value, 1)
     params_lib.check_activation(activation)
+    common.check_remat(remat)
+    moe_layers_given = moe_layers is not None
     if moe_layers is None:
       moe_layers = common.every_n_placement(num_layers, moe_every)
     else:
@@ -92,24 +109,52 @@ class DecoderLM(nnx.Module):
     self.activation = activation
     self.tie_embeddings = tie_embeddings
     self.dtype = dtype
+    self.remat = remat
+    self.scan_layers = bool(scan_layers)
+    # Blocks per scan step, and scan steps (1 and num_layers unrolled).
+    self.scan_period = (common.scan_period(num_layers, moe_every,
+                                           moe_layers_given, moe)
+                        if scan_layers else 1)
+    self.scan_repeats = num_layers // self.scan_period if scan_layers else 1
 
     self.embed_VM = params_lib.param(
         rngs, nnx.initializers.normal(1.0), (vocab_size, model_dim),
         (nt.VOCAB, nt.EMBED), param_dtype)
-    blocks = []
-    for i in range(num_layers):
-      ffn = common.build_ffn(
-          i, is_moe=i in self.moe_layers, model_dim=model_dim,
-          mlp_dim=mlp_dim, activation=activation, moe=moe, causal=True,
-          dtype=dtype, param_dtype=param_dtype, rngs=rngs)
-      # The MoE layer has already checked causality (and honoured its own
-      # allow_non_causal); the block need not repeat it.
-      blocks.append(tfm.TransformerBlock(
-          model_dim, num_heads, ffn=ffn, head_dim=head_dim, causal=True,
-          allow_non_causal=True, rope_max_wavelength=rope_max_wavelength,
-          norm="rmsnorm", norm_eps=norm_eps, dtype=dtype,
-          param_dtype=param_dtype, rngs=rngs))
-    self.blocks = nnx.List(blocks)
+    def make_blocks(first, count, rngs):
+      blocks = []
+      for i in range(first, first + count):
+        ffn = common.build_ffn(
+            i, is_moe=i in self.moe_layers, model_dim=model_dim,
+            mlp_dim=mlp_dim, activation=activation, moe=moe, causal=True,
+            dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        # The MoE layer has already checked causality (and honoured its own
+        # allow_non_causal); the block need not repeat it.
+        blocks.append(tfm.TransformerBlock(
+            model_dim, num_heads, ffn=ffn, head_dim=head_dim, causal=True,
+            allow_non_causal=True, rope_max_wavelength=rope_max_wavelength,
+            norm="rmsnorm", norm_eps=norm_eps, dtype=dtype,
+            param_dtype=param_dtype, rngs=rngs))
+      return nnx.List(blocks)
+
+    if not scan_layers:
+      self.blocks = make_blocks(0, num_layers, rngs)
+    else:
+      # One period built per scan step; every parameter gets a leading axis
+      # [scan_repeats] (logical name None: not sharded).
+      @nnx.split_rngs(splits=self.scan_repeats)
+      @nnx.vmap(in_axes=(0,), out_axes=0,
+                transform_metadata={nnx.PARTITION_NAME: None})
+      def make_stack(rngs):
+        return make_blocks(num_layers - self.scan_period, self.scan_period,
+                           rngs)
+      self.blocks = make_stack(rngs)
+      for block in self.blocks:
+        if block.is_moe and hasattr(getattr(block.ffn, "router", None),
+                                    "update"):
+          raise ValueError(
+              f"scan_layers=True does not support routers that update "
+              f"their state after each step "
+              f"({type(block.ffn.router).__name__}); use scan_layers=False")
     self.final_norm = tfm.RMSNorm(model_dim, eps=norm_eps, dtype=dtype,
                                   param_dtype=param_dtype, rngs=rngs)
     self.w_unembed_MV = (None if tie_embeddings else params_lib.param(
@@ -141,14 +186,35 @@ class DecoderLM(nnx.Module):
                        f"{getattr(tokens_BL, 'dtype', None)}"
                        f"{getattr(tokens_BL, 'shape', None)}")
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
-    auxes = []
-    for block in self.blocks:
-      x_BLM, aux = block(x_BLM, padding_mask_BL=padding_mask_BL,
-                         segment_ids_BL=segment_ids_BL,
-                         positions_BL=positions_BL, token_ids_BL=tokens_BL,
-                         deterministic=deterministic)
-      if aux is not None:
-        auxes.append(aux)
+    def run_block(block, x_BLM, padding_mask_BL, segment_ids_BL,
+                  positions_BL, tokens_BL):
+      return block(x_BLM, padding_mask_BL=padding_mask_BL,
+                   segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
+                   token_ids_BL=tokens_BL, deterministic=deterministic)
+    if self.remat != "none":
+      run_block = nnx.remat(run_block, policy=common.remat_policy(self.remat),
+                            prevent_cse=not self.scan_layers)
+    inputs = (padding_mask_BL, segment_ids_BL, positions_BL, tokens_BL)
+
+    def run_blocks(blocks, x_BLM):
+      auxes = []
+      for block in blocks:
+        x_BLM, aux = run_block(block, x_BLM, *inputs)
+        if aux is not None:
+          auxes.append(aux)
+      return x_BLM, auxes
+
+    if not self.scan_layers:
+      x_BLM, auxes = run_blocks(self.blocks, x_BLM)
+      aux = tfm.stack_aux(auxes)
+    else:
+      # A period holds at most one MoE block (its last), so the scan's
+      # stacked outputs are already stack_aux's [num_moe_layers] layout.
+      @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
+      def scan_periods(x_BLM, blocks):
+        x_BLM, auxes = run_blocks(blocks, x_BLM)
+        return x_BLM, (auxes[0] if auxes else None)
+      x_BLM, aux = scan_periods(x_BLM, self.blocks)
     h_BLM = self.final_norm(x_BLM)
     if self.tie_embeddings:
       logits_BLV = jnp.einsum("BLM,VM->BLV", h_BLM,
@@ -160,4 +226,4 @@ class DecoderLM(nnx.Module):
                               self.w_unembed_MV[...].astype(self.dtype),
                               preferred_element_type=jnp.float32)
       logits_BLV = logits_BLV.astype(jnp.float32)
-    return logits_BLV, tfm.stack_aux(auxes)
+    return logits_BLV, aux

@@ -2,6 +2,7 @@
 
     from moejax import train
     summary = train.train_and_evaluate(config, workdir)   # resumes if it can
+    model = train.load_model(workdir)   # the trained model, on these devices
 
 No flags here: experiments/train.py parses them and passes a ConfigDict.
 See docs/training.md.
@@ -23,6 +24,8 @@ from moejax.train.errors import TrainingError
 from moejax.train.errors import TrainingPreempted
 from moejax.train.errors import WorkdirLockedError
 from moejax.train.errors import WorkdirWriteError
+from moejax.train.export import export_params
+from moejax.train.export import load_model
 from moejax.train.loop import format_summary
 from moejax.train.loop import make_datasets
 from moejax.train.loop import model_factory

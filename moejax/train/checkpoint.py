@@ -177,7 +177,11 @@ class Checkpointer:
     ckpt.close()                        # waits for pending async saves
   """
 
-  def __init__(self, directory, *, max_to_keep=3, async_save=True):
+  def __init__(self, directory, *, max_to_keep=3, async_save=True,
+               read_only=False):
+    """read_only: for reading another run's checkpoints (load_model): no
+    directory is created, and no temporary directory of a save in progress
+    is cleaned up."""
     self.directory = os.path.abspath(directory)
     # Steps restore_latest found unreadable: left in place, never saved over.
     self._kept = set()
@@ -186,9 +190,10 @@ class Checkpointer:
         # deleted (it may be intact; see _KeepLatestAndUnreadable).
         preservation_policy=_KeepLatestAndUnreadable(
             max_to_keep, self._kept, self.step_path),
-        create=True,
+        create=not read_only,
+        read_only=read_only,
         enable_async_checkpointing=async_save,
-        cleanup_tmp_directories=True,
+        cleanup_tmp_directories=not read_only,
         # Create the step's temporary directory in save() itself, so an
         # unwritable directory fails there at once (created in the
         # background, the failure surfaces only as a 300 s barrier timeout).
@@ -337,6 +342,20 @@ class Checkpointer:
         step (the directory's step, meta's step and the state's step must
         agree).
     """
+    tree, meta = self.restore_tree(
+        step, state_lib.abstract_checkpoint_tree(template), data_iterator)
+    state = state_lib.from_checkpoint_tree(tree, template)
+    return state, meta
+
+  def restore_tree(self, step, abstract_tree, data_iterator=None):
+    """restore() of a checkpoint tree (to_checkpoint_tree's dict of plain
+    arrays): `abstract_tree` holds jax.ShapeDtypeStructs with the
+    shardings to load into, whatever mesh the step was saved on
+    (moejax.train.load_model). Verified as restore() does.
+
+    Returns:
+      (tree of jax.Arrays, meta dict).
+    """
     path = self.step_path(step)
     denied = _first_unreadable(path)
     if denied is not None:
@@ -346,8 +365,7 @@ class Checkpointer:
     if missing:
       raise CorruptCheckpointError(f"missing item(s) {missing} in {path}")
     items = {
-        STATE: ocp.args.StandardRestore(
-            state_lib.abstract_checkpoint_tree(template)),
+        STATE: ocp.args.StandardRestore(abstract_tree),
         META: ocp.args.JsonRestore(),
     }
     if data_iterator is not None:
@@ -364,8 +382,7 @@ class Checkpointer:
     _verify_step(step, meta, restored[STATE])
     if data_iterator is not None and "data_sha256" in meta:
       _verify_data_file(os.path.join(path, DATA), meta["data_sha256"])
-    state = state_lib.from_checkpoint_tree(restored[STATE], template)
-    return state, meta
+    return restored[STATE], meta
 
   def restore_latest(self, template, data_iterator=None, *, on_skip=None):
     """(state, meta, step) of the newest checkpoint that loads and

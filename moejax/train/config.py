@@ -87,6 +87,20 @@ def base_config():
   # Fault injection for tests: comma-separated steps (1-based) whose loss is
   # multiplied by NaN, e.g. '4,5'. '' = off.
   c.inject_nan_steps = ""
+  # Scale (docs/training.md "Scale"). The model's own switches are
+  # model.scan_layers (nnx.scan over identical blocks), model.remat ('none',
+  # 'full', 'save_dots', 'save_moe_outputs', 'offload') and model.dtype /
+  # model.param_dtype (bfloat16 compute over float32 master weights).
+  # Gradient accumulation: each step's batch_size examples run as this
+  # many micro-batches (one optimizer update); must divide batch_size.
+  c.micro_batches = 1
+  # Steps (1-based, comma-separated, e.g. '5,6') traced with jax.profiler
+  # into workdir/profile/ (TensorBoard's profile tab or Perfetto). '' = off.
+  c.profile_steps = ""
+  # Peak dense TFLOP/s per device for the MFU in the log line; 0: the
+  # backend's table (moejax.train.throughput), or on CPU a measured matmul
+  # rate (the log says "measured").
+  c.peak_tflops = 0.0
   c.optimizer = ml_collections.ConfigDict(dict(
       learning_rate=3e-3, warmup_steps=20, end_learning_rate_fraction=0.1,
       weight_decay=0.1, b1=0.9, b2=0.95, eps=1e-8, grad_clip_norm=1.0))

@@ -40,6 +40,7 @@ from moejax.train import checkpoint as ckpt_lib
 from moejax.train import optim
 from moejax.train import state as state_lib
 from moejax.train import step as step_lib
+from moejax.train import throughput
 from moejax.train import validation
 from moejax.train import workdir as workdir_lib
 from moejax.train import writers as writers_lib
@@ -490,9 +491,12 @@ def _layer_table(window, moe_layer_ids, prefix="train/"):
 def format_summary(summary, baseline=None):
   """The end-of-run text: losses, perplexity/accuracy, the MoE table."""
   lines = [f"=== summary ({summary['workdir']}) ==="]
+  compile_s = summary.get("compile_time_s")
   lines.append(f"steps {summary['step']}  tokens {summary['tokens_seen']:,}  "
-               f"train time {summary['train_time_s']:.1f}s  "
-               f"({summary['tokens_per_sec']:.0f} tokens/s after compile)")
+               f"train time {summary['train_time_s']:.1f}s"
+               + (f" + {compile_s:.1f}s compile" if compile_s else "")
+               + f"  ({summary['tokens_per_sec']:.0f} tokens/s after "
+               f"compile; all invocations of the run)")
 
   def numbers(s):
     parts = [f"train loss {s.get('train_ce_loss', float('nan')):.4f}"]
@@ -605,6 +609,11 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
   _print(f"mesh {dict(mesh.shape)} on {jax.device_count()} "
          f"{jax.devices()[0].platform} devices; expert_parallel="
          f"{config.get('expert_parallel') or None}")
+  peak = throughput.peak_tflops(float(config.get("peak_tflops", 0.0) or 0.0))
+  _print(f"peak {peak.tflops_per_device:.4g} TFLOP/s per device ("
+         + ("measured float32 matmul rate" if peak.measured else peak.source)
+         + "): MFU = model TFLOP/s / (peak x devices)")
+  profile_steps = validation.parse_steps(config.get("profile_steps", ""))
 
   aux_weights = _config_dict(config.aux_loss_weights)
   shardings = state_lib.state_shardings(state)
@@ -614,7 +623,8 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
       graphdef, task, tx, schedule, aux_weights, state_shardings=shardings,
       skip_nonfinite=skip_nonfinite,
       inject_nan_steps=validation.parse_steps(
-          config.get("inject_nan_steps", "")))
+          config.get("inject_nan_steps", "")),
+      micro_batches=int(config.get("micro_batches", 1) or 1))
   eval_step = step_lib.make_eval_step(graphdef, task, aux_weights)
 
   train_iter = iter(train_ds)
@@ -632,6 +642,10 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     _print(text)  # once: not also logged (absl's log is the same terminal)
 
   start_step, tokens_seen = 0, 0
+  # Run totals across resumes: seconds of steps after each invocation's
+  # first (compile) logged interval, the tokens of those steps, and the
+  # seconds of those first intervals (compile, plus one step).
+  timing = dict(train_time_s=0.0, timed_tokens=0, compile_time_s=0.0)
   skips = dict(total=0, in_a_row=0)  # nan_policy 'skip' counters
   try:
     restored = ckpt.restore_latest(state, train_iter, on_skip=on_skip)
@@ -647,6 +661,8 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     tokens_seen = int(meta.get("tokens_seen", 0))
     skips.update(total=int(meta.get("nan_skips_total", 0)),
                  in_a_row=int(meta.get("nan_skips_in_a_row", 0)))
+    for key in timing:  # time of the invocations before this one
+      timing[key] = type(timing[key])(meta.get(key, 0))
     _print(f"resumed from {ckpt.directory}/{start_step} (step {start_step}, "
            f"{tokens_seen:,} tokens)")
   # Describe after the restore message so the header is the same either way.
@@ -700,13 +716,16 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
   window = []            # recent flat train metrics, for the summary
   window_size = max(1, min(50, total_steps // 10 or 1))
   log_every = max(1, int(config.get("log_every", 1)))
-  train_time = 0.0       # seconds of steps after the first (compile) one
+  train_time = 0.0       # this invocation's share of timing[...]
   timed_tokens = 0
+  compile_time = 0.0
+  num_devices = jax.device_count()
   last_eval = {}
 
   def process(pending):
     """Fetches one step's metrics (waiting for the step), checks, writes."""
-    nonlocal train_time, timed_tokens, last_time, last_tokens, compiled
+    nonlocal train_time, timed_tokens, compile_time, last_time, last_tokens
+    nonlocal compiled
     step, metrics, seen, log = pending
     host = jax.device_get(metrics)
     checked[0] = step
@@ -721,10 +740,15 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     if compiled:
       train_time += dt
       timed_tokens += tokens
+    else:
+      compile_time += dt
     compiled = True
     flat = _flatten_metrics(host, moe_layer_ids, "train/")
     flat["train/step_time"] = dt * tokens_per_step / max(tokens, 1)
     flat["train/tokens_per_sec"] = tokens / dt if dt > 0 else 0.0
+    tflops, mfu = throughput.step_rates(flops, tokens, dt, peak, num_devices)
+    flat["train/tflops_per_sec"] = tflops
+    flat["train/mfu"] = mfu
     flat["train/tokens_seen"] = float(seen)
     if skip_nonfinite:
       flat["train/nan_skips_total"] = float(skips["total"])
@@ -736,7 +760,9 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     del window[:-window_size]
     bar.update(step, {"loss": flat["train/ce_loss"],
                       "lr": flat["train/learning_rate"],
-                      "tok/s": int(flat["train/tokens_per_sec"])})
+                      "tok/s": int(flat["train/tokens_per_sec"]),
+                      "TFLOP/s": f"{tflops:.3g}",
+                      mfu_label: f"{mfu:.2%}"})
 
   def _nonfinite_step(step, host):
     """Applies nan_policy to one step's host metrics; True if the step's
@@ -781,12 +807,19 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     if not ckpt.save(step, state, position, {
         "tokens_seen": tokens_seen, "config": _config_dict(config),
         "nan_skips_total": skips["total"],
-        "nan_skips_in_a_row": skips["in_a_row"]}):
+        "nan_skips_in_a_row": skips["in_a_row"], **run_timing()}):
       bar.write(f"WARNING: checkpoint step {step} not saved: "
                 f"{ckpt.step_path(step)} exists and could not be read; left "
                 f"it as it is")
       unsaved.add(step)
     saved.add(step)
+
+  def run_timing():
+    """timing's run totals, this invocation's time included (checkpoint
+    meta and summary)."""
+    return dict(train_time_s=timing["train_time_s"] + train_time,
+                timed_tokens=timing["timed_tokens"] + timed_tokens,
+                compile_time_s=timing["compile_time_s"] + compile_time)
 
   def _preempted(signum, step):
     """Saves `step` (if not saved yet), waits for the files, raises."""
@@ -841,6 +874,8 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     raise _data_read_error(config, what, error, step, outcome)
 
   last_time, last_tokens, compiled = time.monotonic(), tokens_seen, False
+  mfu_label = "MFU (measured peak)" if peak.measured else "MFU"
+  profiling = False
   tokens_per_step = 1
   pending = None
   saved = {start_step}
@@ -866,7 +901,17 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
         batch = data_lib.make_global_batch(host_batch, bsharding)
         tokens_per_step = task.tokens(batch)
         tokens_seen += tokens_per_step
+        if profile_steps and step == profile_steps[0] and is_main:
+          jax.profiler.start_trace(os.path.join(workdir, "profile"))
+          profiling = True
         state, metrics = train_step(state, batch)
+        if profiling and step >= profile_steps[-1]:
+          jax.block_until_ready(metrics)
+          jax.profiler.stop_trace()
+          profiling = False
+          bar.write(f"profile of steps {profile_steps[0]}-{step} written "
+                    f"to {os.path.join(workdir, 'profile')} (TensorBoard's "
+                    f"profile tab, or Perfetto)")
         done, latest[0] = step, metrics
         if pending is not None:  # fetch the previous step while this runs
           process(pending)
@@ -915,6 +960,8 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     ckpt.wait()  # a failed save explains a full disk better: raise it first
     raise _workdir_error(workdir, e, ckpt) from e
   finally:
+    if profiling:
+      jax.profiler.stop_trace()
     bar.close()
     _close_outputs(ckpt, writer, workdir, quiet=failed)
 
@@ -924,10 +971,13 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     window = [r for r in writers_lib.read_jsonl(
         os.path.join(workdir, "metrics.jsonl")) if "train/loss" in r]
     window = window[-window_size:]
+  totals = run_timing()
   summary = dict(
       workdir=workdir, task=config.task, step=int(jax.device_get(state.step)),
-      tokens_seen=tokens_seen, train_time_s=train_time,
-      tokens_per_sec=timed_tokens / train_time if train_time else 0.0,
+      tokens_seen=tokens_seen, train_time_s=totals["train_time_s"],
+      compile_time_s=totals["compile_time_s"],
+      tokens_per_sec=(totals["timed_tokens"] / totals["train_time_s"]
+                      if totals["train_time_s"] else 0.0),
       params_total=counts["total"], params_active=counts["active"],
       flops_per_token=flops, window=len(window),
       nan_skips_total=skips["total"])
@@ -941,8 +991,8 @@ def _train_and_evaluate(config, workdir, stream, on_log, held):
     # Nothing trained in this invocation: keep the timing of the run.
     with open(old_summary) as f:
       old = json.load(f)
-    for key in ("train_time_s", "tokens_per_sec"):
-      summary[key] = old.get(key, summary[key])
+    for key in ("train_time_s", "tokens_per_sec", "compile_time_s"):
+      summary[key] = old.get(key, summary.get(key))
   for key in ("ce_loss", "loss", "perplexity", "accuracy"):
     if f"eval/{key}" in last_eval:
       summary[f"eval_{key}"] = last_eval[f"eval/{key}"]

@@ -65,6 +65,11 @@ class LMTask:
   def tokens(self, batch):
     return int(batch["inputs"].shape[0] * batch["inputs"].shape[1])
 
+  def weight(self, batch):
+    """<float32>[] the positions the loss averages over (masked_cross_entropy's
+    weight sum)."""
+    return _weight(batch["targets"], batch.get("mask"))
+
 
 @dataclasses.dataclass(frozen=True)
 class ClassificationTask:
@@ -83,6 +88,16 @@ class ClassificationTask:
 
   def tokens(self, batch):
     return int(batch["image"].shape[0] * self.tokens_per_example)
+
+  def weight(self, batch):
+    """<float32>[] the examples the loss averages over."""
+    return _weight(batch["label"], batch.get("mask"))
+
+
+def _weight(labels_X, mask_X):
+  if mask_X is None:
+    return jnp.asarray(labels_X.size, jnp.float32)
+  return jnp.sum(mask_X.astype(jnp.float32))
 
 
 def check_aux_loss_weights(aux_loss_weights):
@@ -132,9 +147,24 @@ def _aux_metrics(aux):
   return out
 
 
+def split_micro_batches(batch, micro_batches):
+  """A global batch as `micro_batches` micro-batches: every leaf [B, ...]
+  becomes [K, B / K, ...], micro-batch k holding rows k, k + K, k + 2K, ...
+  (so each device keeps its rows when B / devices is a multiple of K).
+  Raises ValueError when K does not divide B."""
+  def split(x):
+    b = x.shape[0]
+    if b % micro_batches:
+      raise ValueError(f"micro_batches={micro_batches} must divide the batch "
+                       f"size {b}")
+    return jnp.swapaxes(
+        x.reshape((b // micro_batches, micro_batches) + x.shape[1:]), 0, 1)
+  return jax.tree.map(split, batch)
+
+
 def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
                     state_shardings=None, donate=True, skip_nonfinite=False,
-                    inject_nan_steps=()):
+                    inject_nan_steps=(), micro_batches=1):
   """The jitted train step: (TrainState, batch) -> (TrainState, metrics).
 
   Args:
@@ -154,6 +184,15 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
     inject_nan_steps: fault injection for tests: the loss of these steps
       (the step number after the update, 1-based) is multiplied by NaN, so
       the loss and every gradient are NaN.
+    micro_batches: K > 1 accumulates the gradient over K micro-batches of
+      B / K examples (split_micro_batches; jax.lax.scan, so activations of
+      one micro-batch at a time) before one optimizer update. The task loss
+      of micro-batch k is weighted by its share of the batch's scored
+      positions and the aux losses by 1 / K, so the gradient equals the
+      full batch's (float32 rounding aside) whenever the aux losses are
+      means over groups or tokens (load_balance, z_loss,
+      sequence_balance); batch-level ones (importance, load) are computed
+      per micro-batch. MoE metrics are means over micro-batches.
 
   After the gradient, the routers' state updates (DeepSeek's bias) are
   applied from the forward pass's stats (moejax.layers.update_routers), so
@@ -170,20 +209,61 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
   """
   weights = check_aux_loss_weights(aux_loss_weights)
   nan_steps = tuple(int(s) for s in inject_nan_steps)
+  micro_batches = int(micro_batches)
+  if micro_batches < 1:
+    raise ValueError(f"micro_batches={micro_batches}; allowed: an integer "
+                     f">= 1")
 
-  def train_step(state, batch):
+  def grad_of(state, params, model_state, batch, task_scale, aux_scale):
+    """Gradient of task_scale * task loss + aux_scale * weighted aux."""
     def loss_fn(params):
-      model = nnx.merge(graphdef, params, state.model_state)
-      loss, extras = compute_loss(task, model, batch, weights,
-                                  deterministic=False)
+      model = nnx.merge(graphdef, params, model_state)
+      _, (task_metrics, aux, task_loss, weighted) = compute_loss(
+          task, model, batch, weights, deterministic=False)
+      objective = task_scale * task_loss + aux_scale * weighted
       if nan_steps:
         hit = jnp.isin(state.step + 1, jnp.asarray(nan_steps, jnp.int32))
-        loss = loss * jnp.where(hit, jnp.nan, 1.0).astype(loss.dtype)
-      model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
-      return loss, (extras, model_state)
+        objective = objective * jnp.where(hit, jnp.nan, 1.0).astype(
+            objective.dtype)
+      new_model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
+      return objective, (task_metrics, aux, task_loss, weighted,
+                         new_model_state)
+    return jax.value_and_grad(loss_fn, has_aux=True)(params)
 
-    (loss, ((task_metrics, aux, task_loss, weighted), model_state)), grads = (
-        jax.value_and_grad(loss_fn, has_aux=True)(state.params))
+  def full_batch(state, batch):
+    (loss, (task_metrics, aux, task_loss, weighted, model_state)), grads = (
+        grad_of(state, state.params, state.model_state, batch, 1.0, 1.0))
+    return (loss, task_loss, task_metrics["accuracy"], weighted, aux,
+            model_state, grads)
+
+  def accumulated(state, batch):
+    total_weight = jnp.maximum(task.weight(batch), 1e-9)
+
+    def micro(carry, micro_batch):
+      grads_acc, model_state = carry
+      share = task.weight(micro_batch) / total_weight
+      (objective, (task_metrics, aux, task_loss, weighted, model_state)), (
+          grads) = grad_of(state, state.params, model_state, micro_batch,
+                           share, 1.0 / micro_batches)
+      grads_acc = jax.tree.map(jnp.add, grads_acc, grads)
+      out = dict(loss=objective, ce=share * task_loss,
+                 accuracy=share * task_metrics["accuracy"],
+                 weighted=weighted / micro_batches, aux=aux)
+      return (grads_acc, model_state), out
+
+    zeros = jax.tree.map(jnp.zeros_like, state.params)
+    (grads, model_state), out = jax.lax.scan(
+        micro, (zeros, state.model_state),
+        split_micro_batches(batch, micro_batches))
+    aux = jax.tree.map(lambda x: jnp.mean(x, axis=0), out["aux"])
+    return (jnp.sum(out["loss"]), jnp.sum(out["ce"]),
+            jnp.sum(out["accuracy"]), jnp.sum(out["weighted"]), aux,
+            model_state, grads)
+
+  def train_step(state, batch):
+    run = full_batch if micro_batches == 1 else accumulated
+    loss, task_loss, accuracy, weighted, aux, model_state, grads = run(
+        state, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     if aux is not None:
@@ -193,7 +273,7 @@ def make_train_step(graphdef, task, tx, schedule, aux_loss_weights, *,
       model_state = nnx.state(model, nnx.Not(nnx.Param)).to_pure_dict()
     metrics = {
         "loss": loss, "ce_loss": task_loss, "aux_loss": weighted,
-        "accuracy": task_metrics["accuracy"],
+        "accuracy": accuracy,
         "grad_norm": optax.global_norm(grads),
         "param_norm": optax.global_norm(params),
         "learning_rate": jnp.asarray(schedule(state.step), jnp.float32),

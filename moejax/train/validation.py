@@ -32,6 +32,7 @@ from moejax.data import digits
 from moejax.layers import build as build_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import params as params_lib
+from moejax.models import common as model_common
 from moejax.sharding import expert_parallel as ep_lib
 from moejax.sharding import mesh as mesh_lib
 from moejax.sharding import rules as rules_lib
@@ -65,6 +66,12 @@ RESUME_LOCKED = ("task", "model", "moe", "prng_impl", "data.dataset",
                  "data.train_split", "data.max_files",
                  "data.validation_fraction", "data.source_dir",
                  "data.text_key")
+# Fields under RESUME_LOCKED that may change anyway: they change how the
+# model computes, not its parameters (remat recomputes the same values).
+RESUME_FREE = ("model.remat",)
+# Fields added after runs were saved without them: their absence in a
+# saved config means this value (so older runs still resume).
+RESUME_DEFAULTS = {"model.scan_layers": False}
 
 
 # ------------------------------------------------------------- helpers
@@ -170,10 +177,27 @@ def _check_loop(c, p):
   except ValueError as e:
     p.add("inject_nan_steps", c.get("inject_nan_steps"),
           "comma-separated step numbers >= 1, e.g. '4,5'", why=str(e))
+  _check_scale(c, p)
   if (c.get("task") == "lm" and _get(c, "data.eval_split")
       and c.get("eval_steps") == 0):
     p.add("eval_steps", 0, "an integer >= 1 for task 'lm'",
           why="the LM eval stream repeats, so it has no natural end")
+
+
+def _check_scale(c, p):
+  """micro_batches, profile_steps, peak_tflops."""
+  k = c.get("micro_batches", 1)
+  if p.integer("micro_batches", k, 1):
+    batch = c.get("batch_size")
+    if _pos_int(batch) and batch % k:
+      p.add("micro_batches", k, f"a divisor of batch_size={batch}",
+            why="the batch is split into equal micro-batches")
+  try:
+    parse_steps(c.get("profile_steps", ""))
+  except ValueError as e:
+    p.add("profile_steps", c.get("profile_steps"),
+          "comma-separated step numbers >= 1, e.g. '5,6'", why=str(e))
+  p.number("peak_tflops", c.get("peak_tflops", 0.0), 0)
 
 
 def _check_optimizer(c, p):
@@ -271,11 +295,34 @@ def _check_model(c, p):
   if model.get("activation") is not None:
     p.choice("model.activation", model.get("activation"),
              params_lib.ACTIVATIONS)
+  _check_model_scale(model, name, p)
   if name == "vit":
     size, patch = model.get("image_size"), model.get("patch_size")
     if _pos_int(size) and _pos_int(patch) and size % patch:
       p.add("model.patch_size", patch, f"a divisor of model.image_size="
             f"{size}", why="patches tile the image")
+
+
+def _check_model_scale(model, name, p):
+  """model.remat and model.scan_layers (decoder_lm only)."""
+  scan, remat = model.get("scan_layers"), model.get("remat")
+  if name != "decoder_lm":
+    for field, value, off in (("scan_layers", scan, False),
+                              ("remat", remat, "none")):
+      if value not in (None, off):
+        p.add(f"model.{field}", value, f"{off!r} (unset)",
+              why=f"model {name!r} has no {field} option; decoder_lm has")
+    return
+  if scan is not None and not isinstance(scan, bool):
+    p.add("model.scan_layers", scan, "True or False")
+  if remat is None:
+    return
+  if p.choice("model.remat", remat, model_common.REMAT_POLICIES) and (
+      remat == "offload" and jax.default_backend() == "cpu"):
+    p.add("model.remat", remat,
+          f"one of {[r for r in model_common.REMAT_POLICIES if r != remat]}",
+          why="offloading saved activations to pinned host memory needs a "
+          "GPU or TPU backend, and this one is cpu")
 
 
 def _model_for(task):
@@ -369,7 +416,7 @@ def _check_data(c, p):
 # constructor's default stands in, the problem is already listed), so the
 # MoE layers are still checked.
 BUILD_WITHOUT = ("dtype", "param_dtype", "activation", "head_dim", "pool",
-                 "norm")
+                 "norm", "remat", "scan_layers")
 
 
 def _moe_dict(c):
@@ -717,7 +764,8 @@ def _flatten(tree, prefix=""):
 
 
 def _locked(field):
-  return any(field == f or field.startswith(f + ".") for f in RESUME_LOCKED)
+  return field not in RESUME_FREE and any(
+      field == f or field.startswith(f + ".") for f in RESUME_LOCKED)
 
 
 def config_differences(saved, config, *, include=None):
@@ -735,7 +783,8 @@ def config_differences(saved, config, *, include=None):
   for field in sorted(set(a) | set(b)):
     if not include(field):
       continue
-    va, vb = a.get(field, "<absent>"), b.get(field, "<absent>")
+    absent = RESUME_DEFAULTS.get(field, "<absent>")
+    va, vb = a.get(field, absent), b.get(field, absent)
     if _normal(va) != _normal(vb):
       out.append((field, va, vb))
   return out

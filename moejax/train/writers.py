@@ -1,8 +1,9 @@
-"""Metric writers: JSONL, TensorBoard event files, and a terminal progress bar.
+"""Metric writers: JSONL, TensorBoard event files (tensorboardX), and a
+progress bar (tqdm).
 
 Metrics arrive as a flat dict {name: float | list of floats}. JSONL keeps
 lists (e.g. per-expert load); TensorBoard gets one scalar per list entry
-(`moe/layer1/expert_load/3`).
+(`moe/layer1/expert_load/3`) and a histogram per layer's expert load.
 """
 
 import json
@@ -11,7 +12,11 @@ import os
 import sys
 import time
 
-from moejax.train import tfevents
+from tensorboardX import event_file_writer
+from tensorboardX import summary as summary_lib
+from tensorboardX.proto import event_pb2
+from tensorboardX.proto import summary_pb2
+import tqdm
 
 
 def _jsonable(value):
@@ -104,30 +109,121 @@ def read_jsonl(path):
 
 
 class TensorBoardWriter:
-  """Scalars into a TensorBoard event file under `logdir` (no TensorFlow)."""
+  """Metrics into a TensorBoard event file under `logdir` (tensorboardX).
+
+  Scalars keep their names; a list becomes one scalar per entry
+  (`train/moe/layer1/expert_load/3`), and a per-layer `.../expert_load` list
+  is also written as a histogram over the expert index (bucket e holds
+  expert e's share of the routed tokens), so TensorBoard's histogram tab
+  shows how the load of each MoE layer moves during training.
+
+  Writes are synchronous (tensorboardX's record writer, no queue thread):
+  a failing disk raises OSError here, in the caller, like the JSONL writer.
+  Each instance creates its own file, so a resumed run never appends to a
+  file another process may still hold.
+  """
+
+  _count = 0
 
   def __init__(self, logdir):
-    self._writer = tfevents.EventFileWriter(logdir)
-    self.path = self._writer.path
+    os.makedirs(logdir, exist_ok=True)
+    TensorBoardWriter._count += 1
+    # tensorboardX names the file events.out.tfevents.<time>.<host><suffix>.
+    self._writer = event_file_writer.EventsWriter(
+        os.path.join(logdir, "events"),
+        f".{os.getpid()}.{TensorBoardWriter._count}")
+    self.path = self._writer._file_name  # pylint: disable=protected-access
+    self._writer.flush()
+
+  def _event(self, step, **fields):
+    self._writer.write_event(
+        event_pb2.Event(wall_time=time.time(), step=int(step), **fields))
 
   def session_start(self, step):
-    self._writer.write_session_start(step)
+    """SessionLog START at `step`: TensorBoard then hides this directory's
+    older events with step >= `step` (the steps a resumed run redoes)."""
+    self._event(step, session_log=event_pb2.SessionLog(
+        status=event_pb2.SessionLog.START))
 
   def write(self, step, metrics):
-    scalars = {}
+    """One event at `step` with every metric ({name: float | list})."""
+    values = []
     for name, value in metrics.items():
       if isinstance(value, (list, tuple)):
         for i, v in enumerate(value):
-          scalars[f"{name}/{i}"] = v
+          values += summary_lib.scalar(f"{name}/{i}", float(v)).value
+        if name.endswith("/expert_load") and value:
+          values += _load_histogram(name, value).value
       else:
-        scalars[name] = value
-    self._writer.write_scalars(step, scalars)
+        values += summary_lib.scalar(name, float(value)).value
+    if values:
+      self._event(step, summary=summary_pb2.Summary(value=values))
+
+  def write_config(self, config, step=0):
+    """The run's config: its JSON as text (`config`) and its leaves as
+    hyperparameters (HParams tab), at `step`.
+
+    Args:
+      config: a dict or an ml_collections ConfigDict (nested).
+    """
+    config = config.to_dict() if hasattr(config, "to_dict") else dict(config)
+    text = json.dumps(config, indent=2, sort_keys=True, default=str)
+    # Indented four spaces: TensorBoard renders the text as a code block.
+    self._event(step, summary=summary_lib.text(
+        "config", "\n".join("    " + line for line in text.splitlines())))
+    hparams = {k: v if isinstance(v, (bool, int, float, str)) else str(v)
+               for k, v in _flatten(config).items()}
+    metrics = {"train/loss": 0.0, "eval/loss": 0.0}  # names only
+    for summary in summary_lib.hparams(hparams, metrics):
+      self._event(step, summary=summary)
 
   def flush(self):
     self._writer.flush()
 
   def close(self):
     self._writer.close()
+
+
+def _flatten(tree, prefix=""):
+  """{'a': {'b': 1}} -> {'a.b': 1}; None leaves dropped."""
+  out = {}
+  for key, value in tree.items():
+    name = f"{prefix}{key}"
+    if isinstance(value, dict):
+      out.update(_flatten(value, name + "."))
+    elif value is not None:
+      out[name] = value
+  return out
+
+
+def _load_histogram(name, load_E):
+  """A histogram Summary of expert indices weighted by their load [E]:
+  bucket e spans (e - 0.5, e + 0.5] and counts load_E[e]."""
+  load_E = [float(v) for v in load_E]
+  used = [e for e, v in enumerate(load_E) if v > 0] or [0]
+  return summary_lib.histogram_raw(
+      name, min=float(used[0]), max=float(used[-1]), num=sum(load_E),
+      sum=sum(e * v for e, v in enumerate(load_E)),
+      sum_squares=sum(e * e * v for e, v in enumerate(load_E)),
+      bucket_limits=[e + 0.5 for e in range(len(load_E))],
+      bucket_counts=load_E)
+
+
+def read_scalars(logdir):
+  """{tag: [(step, value), ...]} of the event files under `logdir`, read by
+  TensorBoard's own EventAccumulator (so a resumed run's SessionLog START
+  hides the steps it redid). Needs `tensorboard` (the test extra)."""
+  try:
+    from tensorboard.backend.event_processing import event_accumulator  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError("reading event files needs tensorboard: pip install "
+                      "'moejax[test]' (or pip install tensorboard)") from e
+  acc = event_accumulator.EventAccumulator(
+      logdir, size_guidance={event_accumulator.SCALARS: 0,
+                             event_accumulator.HISTOGRAMS: 0})
+  acc.Reload()
+  return {tag: [(e.step, e.value) for e in acc.Scalars(tag)]
+          for tag in acc.Tags()["scalars"]}
 
 
 class MultiWriter:
@@ -149,70 +245,81 @@ class MultiWriter:
       w.close()
 
 
-def _fmt_time(seconds):
-  seconds = int(max(seconds, 0))
-  return f"{seconds // 60}:{seconds % 60:02d}"
-
-
 class ProgressBar:
-  """One updating line on a terminal; a plain line every `every` steps when
-  the output is not a terminal (logs, CI).
+  """Training progress through tqdm: one updating bar on a terminal; on
+  anything else (a log file, CI) a plain line every `every` steps, with no
+  carriage returns or escape codes.
 
     bar = ProgressBar(total=400, initial=0)
     bar.update(step, {'loss': 2.3, 'tokens/s': 5120})
+    bar.write('eval @ 100: ...')   # a message line that keeps the bar intact
     bar.close()
+
+  The rate and ETA count from the first `update` on, so the compile time
+  spent before the first step's report does not inflate the ETA.
+  `width` is the bar's width in characters.
   """
 
   def __init__(self, total, *, initial=0, stream=None, width=24, every=None,
                enabled=True):
     self.total = max(int(total), 1)
-    self.initial = initial
+    self.initial = int(initial)
     self.stream = stream or sys.stdout
     self.width = width
     self.enabled = enabled
     self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
     self.every = every or max(self.total // 20, 1)
     self._start = time.monotonic()
-    self._last_len = 0
+    self._first = None  # (time, step) of the first update
+    self._bar = None
+    self._format = ("{l_bar}{bar:%d}| {n_fmt}/{total_fmt} "
+                    "[{elapsed}<{remaining}{postfix}]" % width)
+    if enabled and self.tty:
+      self._bar = tqdm.tqdm(
+          total=self.total, initial=self.initial, file=self.stream,
+          unit="step", leave=True, mininterval=0.2, bar_format=self._format)
 
-  def _line(self, step, fields):
-    frac = min(step / self.total, 1.0)
-    filled = int(round(frac * self.width))
-    bar = "#" * filled + "." * (self.width - filled)
-    elapsed = time.monotonic() - self._start
-    done = step - self.initial
-    eta = elapsed / done * (self.total - step) if done > 0 else 0.0
-    parts = [f"[{bar}] {step}/{self.total}"]
-    parts += [f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
-              for k, v in fields.items()]
-    parts.append(f"{_fmt_time(elapsed)}<{_fmt_time(eta)}")
-    return " | ".join(parts)
+  def _fields(self, fields):
+    return " | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}"
+                      for k, v in fields.items())
+
+  def _rate(self, step, now):
+    """Steps per second since the first update (None before two)."""
+    if self._first is None:
+      self._first = (now, step)
+      return None
+    t0, s0 = self._first
+    return (step - s0) / (now - t0) if step > s0 and now > t0 else None
 
   def update(self, step, fields):
+    """Shows `step` of `total` with `fields` ({name: value})."""
     if not self.enabled:
       return
-    if self.tty:
-      line = self._line(step, fields)
-      pad = max(self._last_len - len(line), 0)
-      self.stream.write("\r" + line + " " * pad)
-      self._last_len = len(line)
-      self.stream.flush()
+    now = time.monotonic()
+    rate = self._rate(step, now)
+    if self._bar is not None:
+      self._bar.n = step
+      self._bar.set_postfix_str(self._fields(fields), refresh=False)
+      self._bar.refresh()
     elif step % self.every == 0 or step == self.total:
-      self.stream.write(self._line(step, fields) + "\n")
+      line = tqdm.tqdm.format_meter(
+          step, self.total, now - self._start, ascii=".#", unit="step",
+          rate=rate, initial=self.initial, postfix=self._fields(fields),
+          bar_format=self._format)
+      self.stream.write(line + "\n")
       self.stream.flush()
 
   def write(self, text):
     """Prints a message line without breaking the bar."""
     if not self.enabled:
       return
-    if self.tty and self._last_len:
-      self.stream.write("\r" + " " * self._last_len + "\r")
-      self._last_len = 0
-    self.stream.write(text + "\n")
-    self.stream.flush()
+    if self._bar is not None:
+      self._bar.write(text, file=self.stream)
+    else:
+      self.stream.write(text + "\n")
+      self.stream.flush()
 
   def close(self):
-    if self.enabled and self.tty and self._last_len:
-      self.stream.write("\n")
-      self.stream.flush()
-      self._last_len = 0
+    if self._bar is not None:
+      self._bar.close()
+      self._bar = None

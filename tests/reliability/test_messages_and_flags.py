@@ -163,6 +163,12 @@ def test_group_size_error_exits_2_with_one_line(env, tmp_path):
     ("--config.mo.capacity_factor=2",
      ("--config.mo.capacity_factor=2: ", "config has no field 'mo'",
       "did you mean --config.moe.capacity_factor?")),
+    # The example: the field is two levels down.
+    ("--config.moe.num_expert=8",
+     ("--config.moe.num_expert=8: ", "config.moe has no field 'num_expert'",
+      "did you mean --config.moe.experts.num_experts?")),
+    ("--workdr=/tmp/x",
+     ("--workdr=/tmp/x: unknown flag; did you mean --workdir?",)),
 ])
 def test_flag_errors_exit_2_with_one_line(env, tmp_path, flag, fragments):
   proc = _run(env, tmp_path / "w", flag)
@@ -171,6 +177,45 @@ def test_flag_errors_exit_2_with_one_line(env, tmp_path, flag, fragments):
   for fragment in fragments:
     assert fragment in line, (fragment, line)
   assert not (tmp_path / "w").exists()
+
+
+def _run_config(env, workdir, config, *flags):
+  return subprocess.run(
+      [sys.executable, "-m", "experiments.train", f"--config={config}",
+       f"--workdir={workdir}", *flags],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("config,hint", [
+    ("experiments/configs/lm_stdlb.py",
+     "did you mean --config=experiments/configs/lm_stdlib.py?"),
+    ("experiments/configs/lm_stdlb.py:size=smoke",
+     "did you mean --config=experiments/configs/lm_stdlib.py?"),
+    ("no_such_dir/x.py", "pass a path to a config file (e.g. "
+     "--config=experiments/configs/lm_stdlib.py)"),
+])
+def test_a_missing_config_file_is_named_with_a_hint(env, tmp_path, config,
+                                                    hint):
+  proc = _run_config(env, tmp_path / "w", config)
+  assert proc.returncode == 2, proc.stderr[-3000:]
+  path = config.split(":")[0]
+  assert _stopped(proc) == (
+      f"--config={config}: cannot load the config file {path!r} (no such "
+      f"file); {hint}")
+  assert "config_config" not in proc.stderr
+  assert not (tmp_path / "w").exists()
+
+
+def test_verbosity_asks_for_the_traceback(env, tmp_path):
+  quiet = _run(env, tmp_path / "w", "--config.moe.num_expert=8")
+  loud = _run(env, tmp_path / "w", "--config.moe.num_expert=8",
+              "--verbosity=1")
+  assert quiet.returncode == loud.returncode == 2
+  assert "Traceback" not in quiet.stderr
+  assert "Traceback (most recent call last)" in loud.stderr
+  # The one line still ends stderr, the same with or without it.
+  line = [l for l in quiet.stderr.splitlines() if l.startswith("training")]
+  assert loud.stderr.rstrip().endswith(line[0])
 
 
 # ------------------------------------------------ 10: messages

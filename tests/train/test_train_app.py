@@ -78,6 +78,9 @@ def test_smoke_run_then_exact_resume(app_env):
 def _check_smoke_run(workdir, proc):
   out = proc.stdout
   assert "params: total" in out and "FLOPs/token" in out
+  # On CPU the MFU's peak is a measured matmul rate, and the log says so.
+  assert "TFLOP/s per device (measured float32 matmul rate)" in out
+  assert "MFU (measured peak)" in out
   assert "=== summary" in out and "expert load" in out
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3", "6"]
 
@@ -104,7 +107,7 @@ def _check_smoke_run(workdir, proc):
                                             rel=1e-6)
     assert r["train/aux/z_loss"] > 0 and r["train/aux/load_balance"] > 0
     for key in ("grad_norm", "learning_rate", "tokens_per_sec",
-                "step_time"):
+                "step_time", "tflops_per_sec", "mfu"):
       assert math.isfinite(r[f"train/{key}"])
     assert len(r["train/moe/layer1/expert_load"]) == 4
     assert sum(r["train/moe/layer1/expert_load"]) == pytest.approx(1.0)
@@ -134,8 +137,17 @@ def _check_resume(straight_dir, app_env):
                    "--config.stop_after_steps=3"))
   assert "resumed from" not in first.stdout
   assert sorted(os.listdir(workdir / "checkpoints")) == ["3"]
+  first_meta = json.loads(
+      (workdir / "checkpoints" / "3" / "meta" / "metadata").read_text())
   second = _ok(_run(app_env, *SMOKE, f"--workdir={workdir}"))
   assert "resumed from" in second.stdout and "step 3" in second.stdout
+  # Training time adds up over both invocations; compile time (each
+  # invocation's first logged interval) is counted apart, twice here.
+  summary = json.loads((workdir / "summary.json").read_text())
+  assert first_meta["train_time_s"] > 0 and first_meta["compile_time_s"] > 0
+  assert summary["train_time_s"] > first_meta["train_time_s"]
+  assert summary["compile_time_s"] > first_meta["compile_time_s"]
+  assert f"train time {summary['train_time_s']:.1f}s + " in second.stdout
 
   # Same parameters, optimizer state, RNG state and step, bit for bit.
   a, b = _restore_state(straight_dir, STEPS), _restore_state(workdir, STEPS)
