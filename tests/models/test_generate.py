@@ -159,3 +159,35 @@ def test_bad_arguments_are_named():
                      r"\[1, 128\], got 500"):
     inference.generate(model, np.zeros((1, 3), np.int32), max_new_tokens=1,
                        temperature=1.0, top_k=500)
+
+
+def _own_lm(engine, *, scan_layers=False, **fields):
+  # V=13, M=16, 4 layers (MoE every 2nd), 2 heads, H=32, E=4, top-2.
+  moe = {"router": {"name": "token_choice", "k": 2},
+         "engine": {"name": engine}, "experts": {"num_experts": 4}}
+  moe.update(fields)
+  return models.DecoderLM(13, 16, 4, 2, 32, moe_every=2, moe=moe,
+                          scan_layers=scan_layers, rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("scan_layers", [False, True])
+def test_own_lm_with_a_capacity_engine_decodes_without_dropping(scan_layers):
+  # Decoding: indices engine at capacity factor 0.5 with groups of 8 tokens
+  # (which would drop at training time); reference: the same weights with
+  # the dropless engine, recomputed in full.
+  tight = _own_lm("indices", scan_layers=scan_layers, capacity_factor=0.5,
+                  group_size=8)
+  spare = _own_lm("dropless", scan_layers=scan_layers)
+  nnx.update(spare, nnx.state(tight))
+  prompt_BL = np.array([[3, 1, 4, 1, 5], [0, 0, 9, 2, 6]], np.int32)
+  mask_BL = np.array([[1, 1, 1, 1, 1], [0, 0, 1, 1, 1]], bool)
+  out_BT = np.asarray(inference.generate(tight, prompt_BL, max_new_tokens=7,
+                                         padding_mask_BL=mask_BL))
+  m_BT = np.concatenate([mask_BL, np.ones((2, 7), bool)], axis=1)
+  pos_BT = generate_lib.prompt_positions(jnp.asarray(m_BT))
+  logits_BTV, _ = spare(out_BT, padding_mask_BL=m_BT, positions_BL=pos_BT,
+                        deterministic=True)
+  np.testing.assert_array_equal(np.argmax(logits_BTV[:, 4:-1], -1),
+                                out_BT[:, 5:])
+  if scan_layers:
+    assert [c.pos_BT.shape for c in tight.init_cache(2, 12)] == [(2, 2, 12)] * 2

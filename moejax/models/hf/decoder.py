@@ -50,8 +50,9 @@ class HFBlock(nnx.Module):
     h = self.post_attention_norm(x_BLM)
     aux = None
     if self.is_moe:
+      decode = {} if cache is None else {"no_drop": True}
       y, aux = self.ffn(h, padding_mask_BL=padding_mask_BL,
-                        deterministic=True)
+                        deterministic=True, **decode)
     else:
       y = self.ffn(h)
     out = x_BLM + y.astype(self.dtype)
