@@ -441,17 +441,18 @@ def plot_dropped_vs_cf(runs, path, dpi=100):
     groups.setdefault(_router_label(run), []).append(run)
   fig, (ax_d, ax_l) = plt.subplots(1, 2, figsize=(11, 4.2),
                                    layout="constrained")
-  colors = _colors(max(len(groups), 1))
-  drawn = False
-  for (label, members), color in zip(groups.items(), colors):
+  lines = []  # (label, runs with a capacity factor, dropless runs)
+  for label, members in groups.items():
     capped = sorted(
         [r for r in members if not _is_dropless(r)
          and r.moe("capacity_factor") is not None],
         key=lambda r: r.moe("capacity_factor"))
-    dropless = [r for r in members if _is_dropless(r)]
-    if len({r.moe("capacity_factor") for r in capped}) < 2:
-      continue
-    drawn = True
+    if len({r.moe("capacity_factor") for r in capped}) >= 2:
+      lines.append((label, capped,
+                    [r for r in members if _is_dropless(r)]))
+  drawn = bool(lines)
+  # Colours for the drawn groups only: distinct, saturated tab10 ones.
+  for (label, capped, dropless), color in zip(lines, _colors(len(lines))):
     cfs = [r.moe("capacity_factor") for r in capped]
     ax_d.plot(cfs, [sweep_lib.layer_mean(r.summary, "dropped_fraction")
                     for r in capped], "o-", color=color, lw=1.6)
