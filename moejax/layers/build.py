@@ -352,6 +352,16 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
       e, model_dim, experts_cfg.get("hidden_dim"), rngs=rngs,
       **expert_opts, **kw))
 
+  def dense_constants(part):
+    """The dense branches run the experts' activation by name, so with
+    GPT-OSS's default constants only: refuse others rather than ignore."""
+    custom = [k for k in ("swiglu_alpha", "swiglu_limit")
+              if experts_cfg.get(k) is not None]
+    if custom:
+      raise MoEConfigError([(f"moe.experts.{k}", experts_cfg[k], (
+          f"moe.{part} runs the experts' activation with its default "
+          f"constants only; drop moe.{part} or {k}")) for k in custom])
+
   def make_shared():
     shared = _as_dict(config.get("shared"))
     if not shared or not shared.get("num_experts", 0):
@@ -359,6 +369,7 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     bad = _unknown_keys(shared, SHARED_KEYS, "moe.shared.")
     if bad:
       raise MoEConfigError(bad)
+    dense_constants("shared")
     routers_lib.check_int("num_experts", shared["num_experts"], 0)
     width = shared.get("hidden_dim") or experts_cfg.get("hidden_dim")
     routers_lib.check_int("hidden_dim", width, 1)
@@ -378,6 +389,7 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     bad = _unknown_keys(residual, RESIDUAL_KEYS, "moe.residual.")
     if bad:
       raise MoEConfigError(bad)
+    dense_constants("residual")
     return moe_lib.ResidualBranch(
         model_dim, residual["hidden_dim"], mix=residual.get("mix", "sum"),
         activation=experts_cfg.get("activation", "relu"), rngs=rngs, **kw)

@@ -414,6 +414,9 @@ def _base(**overrides):
     ({"shared": {"num_experts": 1, "gate": True}}, "moe.shared.gate",
      "did you mean moe.shared.gated"),
     ({"output_bias": "zeros"}, "moe.output_bias", "must be True or False"),
+    ({"experts": {"activation": "clamped_swiglu", "swiglu_limit": 3.0},
+      "shared": {"num_experts": 1}}, "moe.experts.swiglu_limit",
+     "moe.shared runs the experts' activation with its default constants"),
 ])
 def test_bad_options_name_their_field(overrides, field, words):
   with pytest.raises(build_lib.MoEConfigError) as err:

@@ -24,6 +24,9 @@ INERT = frozenset({
     "output_attentions", "return_dict", "id2label", "label2id",
     "tokenizer_class", "chunk_size_feed_forward", "is_encoder_decoder",
     "problem_type", "task_specific_params", "max_window_layers",
+    # trust_remote_code bookkeeping; GPT-OSS's pre-YaRN context (its
+    # rope_scaling carries original_max_position_embeddings itself).
+    "auto_map", "initial_context_length",
 })
 
 
@@ -90,6 +93,9 @@ class ModelSpec:
   ffn_kinds: Tuple[str, ...]
   windows: Tuple[Optional[int], ...]
   hf: Mapping[str, Any]
+  embed_scale: float = 1.0      # Granite: embeddings x embedding_multiplier
+  residual_scale: float = 1.0   # Granite: x += branch * residual_multiplier
+  logits_scale: float = 1.0     # Granite: logits / logits_scaling
 
   @property
   def num_experts(self):
@@ -216,6 +222,17 @@ def _gqa(f, *, qkv_bias=False, o_bias=False, qk_norm=None, sinks=False):
                        sinks=sinks)
 
 
+def _k(f):
+  """Experts per token (GPT-OSS checkpoints also carry experts_per_token;
+  both present must agree)."""
+  k = f.first("num_experts_per_tok", "experts_per_token")
+  other = f.get("experts_per_token")
+  if other is not None and other != k:
+    raise UnsupportedConfig("experts_per_token", other, (
+        f"experts_per_token={other} disagrees with num_experts_per_tok={k}"))
+  return k
+
+
 def _moe(num_experts, k, hidden, router, *, shared=None, activation="swiglu",
          use_bias=False, **experts_extra):
   experts = dict(num_experts=num_experts, hidden_dim=hidden,
@@ -247,7 +264,7 @@ def parse_mixtral(f):
   att = _gqa(f)
   window = f.get("sliding_window")
   e = f.first("num_local_experts", "num_experts")
-  moe = _moe(e, f.need("num_experts_per_tok"), f.need("intermediate_size"),
+  moe = _moe(e, _k(f), f.need("intermediate_size"),
              {"name": "token_choice", "gating": "topk_softmax"})
   return dict(c, attention=att, rope=_rope(f, att.head_dim),
               dense_hidden_dim=0, moe=moe,
@@ -261,7 +278,7 @@ def parse_olmoe(f):
   att = dataclasses.replace(_gqa(f, qkv_bias=bias, o_bias=bias,
                                  qk_norm="full"), clip_qkv=f.get("clip_qkv"))
   moe = _moe(f.first("num_experts", "num_local_experts"),
-             f.need("num_experts_per_tok"),
+             _k(f),
              f.need("intermediate_size"),
              {"name": "token_choice", "gating": "softmax",
               "renormalize": bool(f.get("norm_topk_prob", False))})
@@ -279,7 +296,7 @@ def parse_qwen2_moe(f):
   shared = ({"num_experts": 1, "hidden_dim": shared_h, "gated": True}
             if shared_h else None)
   moe = _moe(f.first("num_experts", "num_local_experts"),
-             f.need("num_experts_per_tok"),
+             _k(f),
              f.need("moe_intermediate_size"),
              {"name": "token_choice", "gating": "softmax",
               "renormalize": bool(f.get("norm_topk_prob", False))},
@@ -296,7 +313,7 @@ def parse_qwen3_moe(f):
   bias = bool(f.get("attention_bias", False))
   att = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head")
   moe = _moe(f.first("num_experts", "num_local_experts"),
-             f.need("num_experts_per_tok"),
+             _k(f),
              f.need("moe_intermediate_size"),
              {"name": "token_choice", "gating": "softmax",
               "renormalize": bool(f.get("norm_topk_prob", False))})
@@ -344,7 +361,7 @@ def parse_deepseek_v3(f):
   e = f.first("n_routed_experts", "num_local_experts")
   h = f.need("moe_intermediate_size")
   n_shared = f.get("n_shared_experts", 0) or 0
-  moe = _moe(e, f.need("num_experts_per_tok"), h,
+  moe = _moe(e, _k(f), h,
              {"name": "deepseek", "gating": "sigmoid",
               "renormalize": bool(f.get("norm_topk_prob", True)),
               "num_expert_groups": f.get("n_group", 1) or 1,
@@ -373,7 +390,7 @@ def parse_deepseek_v2(f):
   e = f.first("n_routed_experts", "num_local_experts")
   h = f.need("moe_intermediate_size")
   n_shared = f.get("n_shared_experts", 0) or 0
-  moe = _moe(e, f.need("num_experts_per_tok"), h,
+  moe = _moe(e, _k(f), h,
              {"name": "deepseek", "gating": "softmax",
               "renormalize": bool(f.get("norm_topk_prob", False)),
               "num_expert_groups": groups, "topk_groups": topk_groups,
@@ -402,7 +419,7 @@ def parse_gpt_oss(f):
   window = f.need("sliding_window")
   windows = tuple(window if t == "sliding_attention" else None for t in types)
   moe = _moe(f.first("num_local_experts", "num_experts"),
-             f.need("num_experts_per_tok"), f.need("intermediate_size"),
+             _k(f), f.need("intermediate_size"),
              {"name": "token_choice", "gating": "topk_softmax",
               "use_bias": True},
              activation="clamped_swiglu", use_bias=True,
@@ -413,6 +430,23 @@ def parse_gpt_oss(f):
               windows=windows)
 
 
+def parse_granitemoe(f):
+  c = _common(f)
+  bias = bool(f.get("attention_bias", False))
+  att = dataclasses.replace(_gqa(f, qkv_bias=bias, o_bias=bias),
+                            scale=float(f.get("attention_multiplier", 1.0)))
+  moe = _moe(f.first("num_local_experts", "num_experts"), _k(f),
+             f.need("intermediate_size"),
+             {"name": "token_choice", "gating": "topk_softmax"})
+  return dict(c, attention=att, rope=_rope(f, att.head_dim),
+              dense_hidden_dim=0, moe=moe,
+              ffn_kinds=("moe",) * c["num_layers"],
+              windows=(None,) * c["num_layers"],
+              embed_scale=float(f.get("embedding_multiplier", 1.0)),
+              residual_scale=float(f.get("residual_multiplier", 1.0)),
+              logits_scale=float(f.get("logits_scaling", 1.0)))
+
+
 FAMILIES = {
     "mixtral": parse_mixtral,
     "olmoe": parse_olmoe,
@@ -421,6 +455,7 @@ FAMILIES = {
     "deepseek_v3": parse_deepseek_v3,
     "deepseek_v2": parse_deepseek_v2,
     "gpt_oss": parse_gpt_oss,
+    "granitemoe": parse_granitemoe,
 }
 
 

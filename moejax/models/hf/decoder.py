@@ -39,23 +39,25 @@ class HFBlock(nnx.Module):
       self.ffn = ffn_lib.DenseFFN(m, spec.dense_hidden_dim,
                                   activation="swiglu", **kw)
     self.dtype = dtype
+    self.residual_scale = spec.residual_scale
 
-  def __call__(self, x_BLM, positions_BL, padding_mask_BL, cache=None):
+  def __call__(self, x_BLM, positions_BL, padding_mask_BL, deterministic,
+               cache=None):
     """-> (x_BLM, aux or None), and the block's new LayerCache when given one."""
     h = self.attention(self.input_norm(x_BLM), positions_BL,
                        key_mask_BL=padding_mask_BL, cache=cache)
     if cache is not None:
       h, cache = h
-    x_BLM = x_BLM + h.astype(self.dtype)
+    x_BLM = x_BLM + h.astype(self.dtype) * self.residual_scale
     h = self.post_attention_norm(x_BLM)
     aux = None
     if self.is_moe:
       decode = {} if cache is None else {"no_drop": True}
       y, aux = self.ffn(h, padding_mask_BL=padding_mask_BL,
-                        deterministic=True, **decode)
+                        deterministic=deterministic, **decode)
     else:
       y = self.ffn(h)
-    out = x_BLM + y.astype(self.dtype)
+    out = x_BLM + y.astype(self.dtype) * self.residual_scale
     return (out, aux) if cache is None else (out, aux, cache)
 
 
@@ -93,7 +95,8 @@ class HFDecoder(nnx.Module):
             for block in self.blocks]
 
   def __call__(self, tokens_BL, *, padding_mask_BL=None,
-               positions_BL: Optional[jnp.ndarray] = None, cache=None):
+               positions_BL: Optional[jnp.ndarray] = None,
+               deterministic: Optional[bool] = True, cache=None):
     """Next-token logits.
 
     Args:
@@ -103,6 +106,8 @@ class HFDecoder(nnx.Module):
         padded positions are meaningless.
       positions_BL: optional <int32>[B, L] positions (default 0..L-1 in
         every row, as transformers gives a right-padded batch).
+      deterministic: passed to the MoE layers (True: evaluation; None:
+        each layer's own attribute, for fine-tuning after model.train()).
       cache: optional [LayerCache] (init_cache): the tokens extend the
         cached sequence (pass their positions); padding is not cached.
     Returns:
@@ -121,13 +126,15 @@ class HFDecoder(nnx.Module):
     if padding_mask_BL is not None:
       padding_mask_BL = padding_mask_BL.astype(jnp.bool_)
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
+    if self.spec.embed_scale != 1.0:
+      x_BLM = x_BLM * self.spec.embed_scale
     auxes, new_cache = [], []
     for i, block in enumerate(self.blocks):
       if cache is None:
-        x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL)
+        x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL, deterministic)
       else:
         x_BLM, aux, layer_cache = block(x_BLM, positions_BL, padding_mask_BL,
-                                        cache[i])
+                                        deterministic, cache[i])
         new_cache.append(layer_cache)
       if aux is not None:
         auxes.append(aux)
@@ -137,6 +144,8 @@ class HFDecoder(nnx.Module):
     logits_BLV = jnp.einsum("BLM,MV->BLV", h_BLM, w_MV.astype(self.dtype),
                             preferred_element_type=jnp.float32)
     logits_BLV = logits_BLV.astype(jnp.float32)
+    if self.spec.logits_scale != 1.0:
+      logits_BLV = logits_BLV / self.spec.logits_scale
     if cache is not None:
       return logits_BLV, tfm.stack_aux(auxes), new_cache
     return logits_BLV, tfm.stack_aux(auxes)

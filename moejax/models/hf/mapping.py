@@ -144,6 +144,26 @@ def _gpt_oss_experts(p, hf):
                 f"{hf}.down_proj", f"{hf}.down_proj_bias"], split, fuse)
 
 
+def _fused_halves(p, hf):
+  """Granite's input_linear [E, 2H, M] (gate rows first, then up) and
+  output_linear [E, M, H], in HF Linear layout."""
+  def split(a):
+    w, down = a
+    h = w.shape[1] // 2
+    return [np.ascontiguousarray(np.swapaxes(w[:, :h], 1, 2)),
+            np.ascontiguousarray(np.swapaxes(w[:, h:], 1, 2)),
+            np.ascontiguousarray(np.swapaxes(down, 1, 2))]
+
+  def fuse(a):
+    wg, wi, wo = a
+    return [np.concatenate([np.swapaxes(wg, 1, 2), np.swapaxes(wi, 1, 2)],
+                           axis=1), np.swapaxes(wo, 1, 2)]
+
+  return Entry([f"{p}.w_gate_EMH", f"{p}.w_in_EMH", f"{p}.w_out_EHM"],
+               [f"{hf}.input_linear.weight", f"{hf}.output_linear.weight"],
+               split, fuse)
+
+
 def _moe(spec, p, hf):
   e = spec.num_experts
   t = spec.model_type
@@ -151,6 +171,10 @@ def _moe(spec, p, hf):
     hf = hf.replace(".mlp", ".block_sparse_moe")
     return ([_router(f"{p}.router.w_router_ME", f"{hf}.gate.weight")]
             + _experts(f"{p}.experts", f"{hf}.experts", e, "w1", "w3", "w2"))
+  if t == "granitemoe":
+    hf = hf.replace(".mlp", ".block_sparse_moe")
+    return [_router(f"{p}.router.w_router_ME", f"{hf}.router.layer.weight"),
+            _fused_halves(f"{p}.experts", hf)]
   if t == "gpt_oss":
     return [_router(f"{p}.router.w_router_ME", f"{hf}.router.weight"),
             _same(f"{p}.router.b_router_E", f"{hf}.router.bias"),
