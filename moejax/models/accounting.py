@@ -167,9 +167,13 @@ def flops_per_token(model, seq_len=None):
   Returns:
     float FLOPs per token.
   """
+  own = getattr(model, "flops_per_token", None)
+  if callable(own):  # a model that counts its own (HFDecoder)
+    return own(seq_len)
   if not isinstance(model, (decoder_lib.DecoderLM, vit_lib.ViTClassifier)):
-    raise ValueError(f"flops_per_token supports DecoderLM and ViTClassifier, "
-                     f"got {type(model).__name__}")
+    raise ValueError(f"flops_per_token supports DecoderLM, ViTClassifier and "
+                     f"models with a flops_per_token method, got "
+                     f"{type(model).__name__}")
   return flops_breakdown(model, seq_len)["total"]
 
 
@@ -241,6 +245,9 @@ def describe(model, seq_len=None):
   Returns:
     str, several lines.
   """
+  own = getattr(model, "describe", None)
+  if callable(own):  # a model that describes itself (HFDecoder)
+    return own(seq_len)
   counts = count_params(model)
   parts = flops_breakdown(model, seq_len)
   attn = model.blocks[0].attention

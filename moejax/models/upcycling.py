@@ -74,7 +74,8 @@ def _broadcast_expert(dense, axes, num_experts):
   return jnp.repeat(jnp.expand_dims(dense, axis), num_experts, axis=axis)
 
 
-def upcycle_params(moe_model, dense_model, *, drop_ratio=0.0, seed=0):
+def upcycle_params(moe_model, dense_model, *, drop_ratio=0.0, seed=0,
+                   variables=nnx.Param):
   """Fills `moe_model`'s parameters from `dense_model`'s, in place.
 
   Args:
@@ -87,6 +88,9 @@ def upcycle_params(moe_model, dense_model, *, drop_ratio=0.0, seed=0):
     drop_ratio: Drop-Upcycling's r in [0, 1]: the fraction of each expert's
       hidden units re-initialised (0 = plain sparse upcycling).
     seed: PRNG seed of the Drop-Upcycling draws.
+    variables: an nnx filter of the variables matched (default the Params;
+      the trainer passes everything but RNG state, so frozen parameters and
+      router state such as DeepSeek's bias come along).
   Returns:
     dict with 'copied', 'broadcast' and 'initialised' parameter paths.
   Raises:
@@ -97,8 +101,8 @@ def upcycle_params(moe_model, dense_model, *, drop_ratio=0.0, seed=0):
       drop_ratio, (int, float)) or not 0.0 <= drop_ratio <= 1.0:
     raise ValueError(f"drop_ratio must be a number in [0, 1], got "
                      f"{drop_ratio!r}")
-  dense = dict(nnx.to_flat_state(nnx.state(dense_model, nnx.Param)))
-  target = dict(nnx.to_flat_state(nnx.state(moe_model, nnx.Param)))
+  dense = dict(nnx.to_flat_state(nnx.state(dense_model, variables)))
+  target = dict(nnx.to_flat_state(nnx.state(moe_model, variables)))
   used, report = set(), {"copied": [], "broadcast": [], "initialised": []}
   masks = {}  # FFN path -> <bool>[*lead, E, H], shared by its w_in/gate/out
   key = jax.random.key(seed)

@@ -88,6 +88,36 @@ class HFDecoder(nnx.Module):
                                               spec.vocab_size),
         (nt.EMBED, nt.VOCAB), param_dtype))
 
+  @property
+  def moe_layers(self):
+    """0-based indices of the MoE blocks (aux is stacked in this order)."""
+    return tuple(i for i, block in enumerate(self.blocks) if block.is_moe)
+
+  def flops_per_token(self, seq_len):
+    """Forward matmul FLOPs per token (multiply-add = 2): 2 x the active
+    non-embedding parameters (k routed experts per MoE layer), the attention
+    scores and values over seq_len keys, and the logits."""
+    from moejax.models import accounting  # pylint: disable=g-import-not-at-top
+    active = accounting.count_params(self)["active"]
+    s, att = self.spec, self.spec.attention
+    qk = att.head_dim or (att.qk_nope_head_dim + att.qk_rope_head_dim)
+    v = att.head_dim or att.v_head_dim
+    attention = 2 * seq_len * att.num_heads * (qk + v) * s.num_layers
+    embed = s.vocab_size * s.model_dim
+    logits = 2 * embed
+    # The embedding is a gather; tied, its matrix also makes the logits.
+    matmul_params = active - embed - (0 if s.tie_embeddings else embed)
+    return float(2 * matmul_params + attention + logits)
+
+  def describe(self, seq_len=None):
+    """A few lines: family, shape, parameters, routing, attention form."""
+    from moejax.models import hf  # pylint: disable=g-import-not-at-top
+    text = hf.describe(self)  # the function (hf/describe.py)
+    if seq_len:
+      text += (f"\n  forward FLOPs/token at L={seq_len}: "
+               f"{self.flops_per_token(seq_len):,.0f}")
+    return text
+
   def init_cache(self, batch, max_length):
     """[LayerCache per block]: an empty KV cache for `batch` rows of up to
     `max_length` positions (moejax.inference.generate)."""
