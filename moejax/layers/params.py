@@ -33,6 +33,10 @@ class FrozenParam(nnx.Variable):
   optimizer state, but is saved and restored with the model."""
 
 
+# The model's weights, trained or frozen (parameter counts, FLOPs).
+WEIGHTS = (nnx.Param, FrozenParam)
+
+
 def freeze(module, select=None):
   """Turns nnx.Params under `module` into FrozenParams, in place.
 
