@@ -23,7 +23,8 @@ from moejax.models import hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
-            "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe")
+            "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe",
+            "glm4_moe")
 
 
 @functools.cache
@@ -132,7 +133,7 @@ def test_sharded_save_round_trip(tmp_path):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
 
 
-@pytest.mark.parametrize("name", ("mixtral", "deepseek_v3", "gpt_oss"))
+@pytest.mark.parametrize("name", ("deepseek_v3", "gpt_oss"))  # MLA; sinks+window
 def test_greedy_decoding_matches_transformers_generate(name):
   """Full-sequence greedy decoding (no cache yet) gives transformers' ids:
   one right-padded [1, 14] buffer, so one compilation; causal attention and
@@ -301,3 +302,16 @@ def test_loaded_model_is_differentiable():
   assert leaves and all(np.isfinite(np.asarray(g)).all() for g in leaves)
   sinks = hf.load.variable_at(grads, "blocks.0.attention.sinks_N")
   assert np.abs(np.asarray(sinks.value)).max() > 0
+
+
+@pytest.mark.parametrize("name", ("deepseek_v3", "mixtral"))
+def test_transformers4_rope_fields_read_the_same(tmp_path, name):
+  """Hub configs written by transformers 4 carry rope_theta + rope_scaling
+  ({'type': 'yarn', ...}) instead of rope_parameters: same model."""
+  def to_v4(c):
+    rope = dict(c.pop("rope_parameters"))
+    c["rope_theta"] = rope.pop("rope_theta")
+    kind = rope.pop("rope_type")
+    c["rope_scaling"] = None if kind == "default" else dict(rope, type=kind)
+  path = copy_fixture(tmp_path, name, config=to_v4)
+  assert from_pretrained(path).spec.rope == load(name).spec.rope

@@ -91,11 +91,18 @@ class GQAttention(nnx.Module):
       b, l = x.shape[:2]
       q = self.q_norm(q.reshape(b, l, -1)).reshape(q.shape)
       k = self.k_norm(k.reshape(b, l, -1)).reshape(k.shape)
-    q = rope_lib.apply_rotary(q, positions_BL, self.inv_freq,
-                              self.rope_factor, interleaved=self.interleaved)
-    k = rope_lib.apply_rotary(k, positions_BL, self.inv_freq,
-                              self.rope_factor, interleaved=self.interleaved)
-    return q, k, v
+    return self._rotate(q, positions_BL), self._rotate(k, positions_BL), v
+
+  def _rotate(self, x_BLND, positions_BL):
+    """Rotary embedding of the first rope_dim features (all but with a
+    partial_rotary_factor < 1, GLM-4-MoE)."""
+    r = 2 * len(self.inv_freq)
+    rot = rope_lib.apply_rotary(x_BLND[..., :r], positions_BL, self.inv_freq,
+                                self.rope_factor,
+                                interleaved=self.interleaved)
+    if r == x_BLND.shape[-1]:
+      return rot
+    return jnp.concatenate([rot, x_BLND[..., r:]], axis=-1)
 
   def init_cache(self, batch, max_length):
     """An empty LayerCache of rotated keys and values: max_length slots, or

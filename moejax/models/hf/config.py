@@ -165,10 +165,15 @@ def _rope(f, dim, *, interleaved=False):
   if kind not in ("default", "linear", "yarn"):
     raise UnsupportedConfig("rope_type", kind, f"rope_type={kind!r} is not "
                             f"supported; supported: default, linear, yarn")
-  partial = params.pop("partial_rotary_factor", 1.0)
-  if partial != 1.0:
-    raise UnsupportedConfig("partial_rotary_factor", partial,
-                            "only partial_rotary_factor 1.0 is supported")
+  # Partial rotary (GLM-4-MoE): only the first dim * factor features of
+  # each head rotate.
+  partial = (params.pop("partial_rotary_factor", None)
+             or f.get("partial_rotary_factor") or 1.0)
+  if not 0 < partial <= 1 or int(dim * partial) % 2:
+    raise UnsupportedConfig("partial_rotary_factor", partial, (
+        f"partial_rotary_factor must be in (0, 1] and leave an even rotary "
+        f"width of the head's {dim}, got {partial}"))
+  dim = int(dim * partial)
   allowed = {"default": set(), "linear": {"factor"},
              "yarn": {"factor", "original_max_position_embeddings",
                       "beta_fast", "beta_slow", "mscale", "mscale_all_dim",
@@ -336,6 +341,10 @@ def _mla(f, c, *, v3):
   f.only("qk_head_dim", (None, nope + rope_d))  # derived by transformers
   interleave = bool(f.get("rope_interleave", True)) if v3 else True
   rope = _rope(f, rope_d, interleaved=interleave)
+  if rope.dim != rope_d:
+    raise UnsupportedConfig("partial_rotary_factor", rope.dim / rope_d,
+                            "MLA rotates all qk_rope_head_dim features; "
+                            "partial_rotary_factor must be 1")
   scale = (nope + rope_d) ** -0.5
   if rope.kind != "default" and rope.mscale_all_dim:
     m = 1.0 if rope.factor <= 1 else 0.1 * rope.mscale_all_dim * math.log(
@@ -447,6 +456,31 @@ def parse_granitemoe(f):
               logits_scale=float(f.get("logits_scaling", 1.0)))
 
 
+def parse_glm4_moe(f):
+  c = _common(f)
+  qk_norm = "head" if f.get("use_qk_norm", False) else None
+  att = _gqa(f, qkv_bias=bool(f.get("attention_bias", False)),
+             qk_norm=qk_norm)
+  first_dense = f.get("first_k_dense_replace", 0) or 0
+  kinds = tuple("dense" if i < first_dense else "moe"
+                for i in range(c["num_layers"]))
+  h = f.need("moe_intermediate_size")
+  n_shared = f.get("n_shared_experts", 0) or 0
+  moe = _moe(f.first("n_routed_experts", "num_local_experts"), _k(f), h,
+             {"name": "deepseek", "gating": "sigmoid",
+              "renormalize": bool(f.get("norm_topk_prob", True)),
+              "num_expert_groups": f.get("n_group", 1) or 1,
+              "topk_groups": f.get("topk_group", 1) or 1,
+              "group_score": "top2_sum",
+              "routed_scaling_factor": float(
+                  f.get("routed_scaling_factor", 1.0))},
+             shared={"num_experts": n_shared, "hidden_dim": h}
+             if n_shared else None)
+  return dict(c, attention=att, rope=_rope(f, att.head_dim),
+              dense_hidden_dim=f.need("intermediate_size"), moe=moe,
+              ffn_kinds=kinds, windows=(None,) * c["num_layers"])
+
+
 FAMILIES = {
     "mixtral": parse_mixtral,
     "olmoe": parse_olmoe,
@@ -456,6 +490,7 @@ FAMILIES = {
     "deepseek_v2": parse_deepseek_v2,
     "gpt_oss": parse_gpt_oss,
     "granitemoe": parse_granitemoe,
+    "glm4_moe": parse_glm4_moe,
 }
 
 

@@ -113,15 +113,9 @@ def from_pretrained(path, *, dtype=None, mesh=None):
                           + f"; moejax's {spec.model_type} has no place "
                           f"for it")
   for entry in entries:
-    arrays = []
-    for name in entry.hf_names:
-      # One short-lived memory map per tensor: a map held open for the
-      # whole load would keep every page read so far resident (RSS).
-      with safe_open(files[name], "np") as f:
-        arrays.append(f.get_tensor(name))
+    arrays = _LazyTensors(entry.hf_names, files)
     _check_shapes(entry, arrays, model)
     values = entry.to_jax(arrays)
-    del arrays  # the layouts are views or fresh copies; drop the sources
     for p, value in zip(entry.paths, values):
       var = variable_at(model, p)
       if tuple(value.shape) != tuple(var.shape):
@@ -139,11 +133,13 @@ def from_pretrained(path, *, dtype=None, mesh=None):
 
 
 def _is_mtp(spec, name):
-  """DeepSeek-V3's multi-token-prediction layers follow the decoder's
+  """DeepSeek-V3's and GLM-4-MoE's multi-token-prediction layers follow the
+  decoder's
   (model.layers.{L + i}); a forward pass does not use them and transformers
   skips them too."""
-  extra = spec.hf.get("num_nextn_predict_layers") or 0
-  if spec.model_type != "deepseek_v3" or not extra:
+  extra = (spec.hf.get("num_nextn_predict_layers")
+           or spec.hf.get("num_mtp_layers") or 0)
+  if spec.model_type not in ("deepseek_v3", "glm4_moe") or not extra:
     return False
   parts = name.split(".")
   return (len(parts) > 2 and parts[:2] == ["model", "layers"]
@@ -166,6 +162,30 @@ def _fill_unmapped(model, mesh):
                                _sharding(var, mesh))
 
 
+class _LazyTensors:
+  """The checkpoint tensors of one entry, read only when indexed.
+
+  Shapes come from the safetensors headers; each read opens a short-lived
+  memory map (one held open for the whole load would keep every page read
+  so far resident), so stacking E experts holds one expert beside the stack.
+  """
+
+  def __init__(self, names, files):
+    self.names, self.files = list(names), files
+    self.shapes = []
+    for name in self.names:
+      with safe_open(files[name], "np") as f:
+        self.shapes.append(tuple(f.get_slice(name).get_shape()))
+
+  def __len__(self):
+    return len(self.names)
+
+  def __getitem__(self, i):
+    name = self.names[i]
+    with safe_open(self.files[name], "np") as f:
+      return f.get_tensor(name)
+
+
 def _check_shapes(entry, arrays, model):
   """Names a checkpoint tensor whose shape is not the one this config's
   model needs (found by laying zero-stride stand-ins of the variables out
@@ -174,7 +194,7 @@ def _check_shapes(entry, arrays, model):
                                variable_at(model, p).shape)
                for p in entry.paths]
   expected = [tuple(x.shape) for x in entry.to_hf(stand_ins)]
-  for name, array, want in zip(entry.hf_names, arrays, expected):
-    if tuple(array.shape) != want:
-      raise CheckpointError(f"tensor {name!r} has shape "
-                            f"{tuple(array.shape)}; this config needs {want}")
+  for name, shape, want in zip(entry.hf_names, arrays.shapes, expected):
+    if shape != want:
+      raise CheckpointError(f"tensor {name!r} has shape {shape}; this "
+                            f"config needs {want}")

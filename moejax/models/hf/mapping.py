@@ -17,7 +17,8 @@ import numpy as np
 class Entry:
   """hf_names (HF tensors) <-> paths (moejax variables).
 
-  to_jax: list of HF arrays -> list of arrays, one per path.
+  to_jax: sequence of HF arrays -> list of arrays, one per path (the
+    sequence may read each array only when indexed: see load.py).
   to_hf: list of moejax arrays -> list of HF arrays, one per hf name.
   """
   paths: Sequence[str]
@@ -49,10 +50,22 @@ def _vector(path, name, shape):
                lambda a: [a[0].reshape(-1)])
 
 
+def _stack_transposed(a):
+  """[E, in, out] from E arrays [out, in], reading a[i] one at a time (a may
+  be a lazy sequence: only one expert's tensor is held beside the stack)."""
+  out = None
+  for i in range(len(a)):
+    w = a[i]
+    if out is None:
+      out = np.empty((len(a),) + w.T.shape, w.dtype)
+    out[i] = w.T
+  return out
+
+
 def _stacked(path, names):
   """E per-expert HF Linear weights [out, in] <-> moejax [E, in, out]."""
   return Entry([path], names,
-               lambda a: [np.stack([w.T for w in a])],
+               lambda a: [_stack_transposed(a)],
                lambda a: [np.ascontiguousarray(w.T) for w in a[0]])
 
 
@@ -182,7 +195,7 @@ def _moe(spec, p, hf):
   out = [_router(f"{p}.router.w_router_ME", f"{hf}.gate.weight")]
   out += _experts(f"{p}.experts", f"{hf}.experts", e, "gate_proj",
                   "up_proj", "down_proj")
-  if t == "deepseek_v3":
+  if t in ("deepseek_v3", "glm4_moe"):
     out.append(_same(f"{p}.router.bias_E",
                      f"{hf}.gate.e_score_correction_bias"))
   shared = spec.moe.get("shared")
