@@ -217,7 +217,9 @@ def upcycle(dense_model, *, moe, layers=None, drop_ratio=0.0, seed=0,
                          "activation": dense_ffn.activation},
         dtype=dense_ffn.dtype, param_dtype=in_MH.dtype, rngs=rngs)
     model.blocks[i].is_moe = True
-  if hasattr(model, "moe_layers"):
+  # A stored list (DecoderLM) is updated; a computed one (HFDecoder's
+  # property over the blocks' is_moe) follows by itself.
+  if "moe_layers" in vars(model):
     model.moe_layers = tuple(sorted(set(model.moe_layers) | set(layers)))
   upcycle_params(model, dense_model, drop_ratio=drop_ratio, seed=seed)
   return model

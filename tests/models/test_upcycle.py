@@ -187,3 +187,21 @@ def test_errors_name_the_bad_value():
   with pytest.raises(ValueError, match="dense parameters with no place in "
                      "the MoE model: \\['w_unembed_MV'\\]"):
     upcycle_lib.upcycle_params(moe, untied)
+
+
+@pytest.mark.parametrize("name", ["qwen3", "llama"])
+def test_a_pretrained_dense_checkpoint_upcycles_to_its_own_outputs(name):
+  # Tiny dense Qwen3 / Llama written by transformers (tests/models/fixtures):
+  # every SwiGLU FFN becomes 4 experts, renormalised top-2, dropless.
+  import os  # pylint: disable=g-import-not-at-top
+  path = os.path.join(os.path.dirname(__file__), "fixtures", name)
+  dense = models.from_pretrained(path)
+  d = np.load(os.path.join(path, "inputs.npz"))
+  moe = upcycle_lib.upcycle(dense, moe=_moe(), rngs=nnx.Rngs(1))
+  assert moe.moe_layers == (0, 1) and dense.moe_layers == ()
+  mask_BL = d["mask_BL"]
+  want_BLV = dense(d["ids_BL"], padding_mask_BL=mask_BL)[0]
+  got_BLV, aux = moe(d["ids_BL"], padding_mask_BL=mask_BL)
+  np.testing.assert_allclose(np.asarray(got_BLV)[mask_BL],
+                             np.asarray(want_BLV)[mask_BL], atol=2e-5)
+  assert aux.metrics.expert_load_E.shape == (2, E)
