@@ -115,6 +115,18 @@ def _tokenize(example: dict[str, Any], text_key: str) -> np.ndarray:
   return out
 
 
+def _tokenize_with(example: dict[str, Any], text_key: str,
+                   tokenizer: Any) -> np.ndarray:
+  """<int32>[N (+ 1)]: the text's ids under `tokenizer`, then its EOS (if any)."""
+  text = example[text_key]
+  if isinstance(text, np.ndarray) and text.dtype == object:
+    text = text.item()
+  ids = tokenizer.encode(text)
+  if tokenizer.eos_id is None:
+    return ids.astype(np.int32)
+  return np.append(ids, tokenizer.eos_id).astype(np.int32)
+
+
 def _split_window(window: np.ndarray) -> dict[str, np.ndarray]:
   return {"inputs": window[:-1], "targets": window[1:]}
 
@@ -348,6 +360,7 @@ def make_lm_dataset(
     validation_fraction: float = corpus.DEFAULT_VALIDATION_FRACTION,
     download: bool = False,
     read_options: grain.ReadOptions | None = None,
+    tokenizer: Any = None,
 ) -> grain.IterDataset:
   """Byte-level LM batches from a TFDS text dataset, as a grain IterDataset.
 
@@ -380,6 +393,10 @@ def make_lm_dataset(
     download: allow TFDS to download/build a non-embedded dataset.
     read_options: grain `ReadOptions` for the document reads (threads,
       prefetch); `None` = `DEFAULT_READ_OPTIONS` (2 threads, 32 ahead).
+    tokenizer: None for bytes (the default above), or a tokenizer
+      (moejax.data.tokenizer: `encode`, `eos_id`), e.g. a pretrained
+      checkpoint's tokenizer.json: each document becomes its ids, then the
+      tokenizer's EOS; ids are in [0, tokenizer.vocab_size).
 
   Raises:
     ValueError: unknown dataset, empty corpus, data_dir not writable,
@@ -397,6 +414,8 @@ def make_lm_dataset(
   source, num_tokens = _open_text_source(
       dataset, split, data_dir, source_dir, max_files, validation_fraction,
       download, text_key)
+  if tokenizer is not None:
+    num_tokens = None  # counted in bytes; a tokenizer's count differs
   if num_tokens is not None and seq_len + 1 > num_tokens:
     raise ValueError(
         f"seq_len={seq_len} is larger than the data: split {split!r} of "
@@ -416,7 +435,11 @@ def make_lm_dataset(
     ds = ds.shuffle(seed=seed)
   if num_epochs != 1:
     ds = ds.repeat(num_epochs)
-  ds = ds.map(functools.partial(_tokenize, text_key=text_key))
+  if tokenizer is None:
+    ds = ds.map(functools.partial(_tokenize, text_key=text_key))
+  else:
+    ds = ds.map(functools.partial(_tokenize_with, text_key=text_key,
+                                  tokenizer=tokenizer))
   it = ds.to_iter_dataset(read_options or common.DEFAULT_READ_OPTIONS)
   it = PackedWindowsIterDataset(it, seq_len + 1)
   if shuffle and shuffle_buffer_size > 1:

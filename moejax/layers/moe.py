@@ -298,7 +298,7 @@ class MoELayer(nnx.Module):
                         multiple_of=self.capacity_multiple_of)
 
   def __call__(self, x_BLM, *, padding_mask_BL=None, token_ids_BL=None,
-               deterministic: Optional[bool] = None):
+               deterministic: Optional[bool] = None, no_drop=False):
     """Applies the layer.
 
     Args:
@@ -309,6 +309,10 @@ class MoELayer(nnx.Module):
       deterministic: evaluation mode (eval capacity factor, no noise or
         jitter); defaults to the module's `deterministic` attribute (set by
         `model.eval()` / `model.train()`).
+      no_drop: decoding (moejax.inference): each sequence's tokens are one
+        group whatever group_size says, with capacity for all of them, so a
+        capacity engine drops nothing and a token's route does not depend
+        on the other rows of the batch.
     Returns:
       (y_BLM <dtype>[B, L, M], MoEAux).
     """
@@ -323,13 +327,15 @@ class MoELayer(nnx.Module):
         raise ValueError(f"{name} must have shape {(b, l)} [B, L], got "
                          f"{tuple(arr.shape)}")
     det = self.deterministic if deterministic is None else deterministic
-    s = self.group_size or l
+    s = l if no_drop else (self.group_size or l)
     x_GSM, mask_GS, pad = group_tokens(x_BLM, s, padding_mask_BL,
                                        pad=self.pad_groups)
     g = x_GSM.shape[0]
     token_ids_GS = None if token_ids_BL is None else jnp.pad(
         token_ids_BL.reshape(-1), (0, pad)).reshape(g, s)
     capacity = self.layer_capacity(s, det)
+    if no_drop and capacity is not None:
+      capacity = s  # a token takes each expert at most once
     ep = self.expert_parallel
     route_kw = dict(capacity=capacity, padding_mask_GS=mask_GS,
                     token_ids_GS=token_ids_GS, deterministic=det)

@@ -16,6 +16,7 @@ import jax.numpy as jnp
 
 from moejax import notation as nt
 from moejax.layers import attention as attention_lib
+from moejax.layers import kv_cache
 from moejax.layers import moe as moe_lib
 from moejax.layers import params as params_lib
 from moejax.layers import soft_moe as soft_moe_lib
@@ -166,8 +167,14 @@ class MultiHeadAttention(nnx.Module):
     self.w_o_NDM = params_lib.param(rngs, out_init, (n, d, m),
                                     (nt.HEADS, None, nt.EMBED), param_dtype)
 
+  def init_cache(self, batch, max_length):
+    """An empty LayerCache (moejax.layers.kv_cache) of rotated keys and
+    values, max_length slots, for decoding."""
+    shape = ((self.num_heads, self.head_dim), self.dtype)
+    return kv_cache.init(batch, max_length, {"k": shape, "v": shape})
+
   def __call__(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
-               positions_BL=None):
+               positions_BL=None, cache=None):
     """Attends over the sequence.
 
     Args:
@@ -178,8 +185,10 @@ class MultiHeadAttention(nnx.Module):
         the same id (packed sequences).
       positions_BL: optional <int>[B, L] positions for RoPE; default
         0..L-1 in every row.
+      cache: optional LayerCache (init_cache): the queries also read the
+        cached keys; causality then follows positions_BL (required).
     Returns:
-      <dtype>[B, L, M].
+      <dtype>[B, L, M]; with a cache, (y_BLM, the cache with the new keys).
     """
     b, l, _ = x_BLM.shape
     dt = self.dtype
@@ -195,14 +204,26 @@ class MultiHeadAttention(nnx.Module):
                           max_wavelength=self.rope_max_wavelength)
       k_BJND = apply_rope(k_BJND, positions_BL,
                           max_wavelength=self.rope_max_wavelength)
-    # Causality by index (positions_BL may restart within a packed row).
-    index_BL = attention_lib.default_positions(b, l)
-    mask_BLJ = attention_lib.attention_mask(
-        index_BL, index_BL, causal=self.causal,
-        key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+    if cache is None:
+      # Causality by index (positions_BL may restart within a packed row).
+      index_BL = attention_lib.default_positions(b, l)
+      mask_BLJ = attention_lib.attention_mask(
+          index_BL, index_BL, causal=self.causal,
+          key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+    else:
+      if positions_BL is None or segment_ids_BL is not None:
+        raise ValueError("decoding with a cache needs positions_BL and no "
+                         "segment_ids_BL (one sequence per row)")
+      entries, k_positions_BJ, cache = kv_cache.extend(
+          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL)
+      k_BJND, v_BJND = entries["k"], entries["v"]
+      mask_BLJ = attention_lib.attention_mask(
+          positions_BL, k_positions_BJ, causal=self.causal,
+          key_mask_BJ=k_positions_BJ >= 0)
     out_BLND = attention_lib.attend(q_BLND, k_BJND, v_BJND, mask_BLJ,
                                     scale=self.head_dim ** -0.5)
-    return jnp.einsum("BLND,NDM->BLM", out_BLND, w(self.w_o_NDM))
+    y_BLM = jnp.einsum("BLND,NDM->BLM", out_BLND, w(self.w_o_NDM))
+    return y_BLM if cache is None else (y_BLM, cache)
 
 
 def is_moe_ffn(ffn):
@@ -266,7 +287,7 @@ class TransformerBlock(nnx.Module):
 
   def __call__(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
                positions_BL=None, token_ids_BL=None,
-               deterministic: Optional[bool] = None):
+               deterministic: Optional[bool] = None, cache=None):
     """Applies the block.
 
     Args:
@@ -275,29 +296,43 @@ class TransformerBlock(nnx.Module):
       segment_ids_BL, positions_BL: see MultiHeadAttention.
       token_ids_BL: <int32>[B, L], passed to MoELayer (hash router).
       deterministic: passed to the MoE layer; None = its own attribute.
+      cache: optional attention LayerCache (decoding): the MoE layer then
+        routes without dropping (MoELayer no_drop).
     Returns:
-      (<dtype>[B, L, M], MoEAux of the FFN, or None for a dense FFN).
+      (<dtype>[B, L, M], MoEAux of the FFN, or None for a dense FFN), and
+      the new cache when given one.
     """
     x_BLM = self.attend(x_BLM, padding_mask_BL=padding_mask_BL,
                         segment_ids_BL=segment_ids_BL,
-                        positions_BL=positions_BL)
-    return self.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
-                             token_ids_BL=token_ids_BL,
-                             deterministic=deterministic)
+                        positions_BL=positions_BL, cache=cache)
+    if cache is not None:
+      x_BLM, cache = x_BLM
+    out = self.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
+                            token_ids_BL=token_ids_BL,
+                            deterministic=deterministic,
+                            no_drop=cache is not None)
+    return out if cache is None else (*out, cache)
 
   def attend(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
-             positions_BL=None):
-    """The attention half: x + attention(norm(x)), <dtype>[B, L, M]."""
+             positions_BL=None, cache=None):
+    """The attention half: x + attention(norm(x)), <dtype>[B, L, M]; with a
+    LayerCache, (that, the cache with the new keys)."""
     x_BLM = x_BLM.astype(self.dtype)
-    return x_BLM + self.attention(
+    h_BLM = self.attention(
         self.attention_norm(x_BLM), padding_mask_BL=padding_mask_BL,
-        segment_ids_BL=segment_ids_BL, positions_BL=positions_BL)
+        segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
+        cache=cache)
+    if cache is None:
+      return x_BLM + h_BLM
+    h_BLM, cache = h_BLM
+    return x_BLM + h_BLM, cache
 
   def feed_forward(self, x_BLM, *, padding_mask_BL=None, token_ids_BL=None,
-                   deterministic: Optional[bool] = None):
+                   deterministic: Optional[bool] = None, no_drop=False):
     """The FFN half: (x + ffn(norm(x)) <dtype>[B, L, M], MoEAux or None).
     Separate from attend() so a remat policy can recompute one half and
-    keep the other (DecoderLM's remat='save_moe_outputs')."""
+    keep the other (DecoderLM's remat='save_moe_outputs'). no_drop: decoding
+    (MoELayer routes each sequence alone, with capacity for every token)."""
     x_BLM = x_BLM.astype(self.dtype)
     h_BLM = self.ffn_norm(x_BLM)
     aux = None
@@ -305,9 +340,10 @@ class TransformerBlock(nnx.Module):
       y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=padding_mask_BL,
                             deterministic=deterministic)
     elif self.is_moe:
+      decode = {"no_drop": True} if no_drop else {}
       y_BLM, aux = self.ffn(h_BLM, padding_mask_BL=padding_mask_BL,
                             token_ids_BL=token_ids_BL,
-                            deterministic=deterministic)
+                            deterministic=deterministic, **decode)
     else:
       y_BLM = self.ffn(h_BLM)
     return x_BLM + y_BLM.astype(self.dtype), aux

@@ -16,3 +16,5 @@ from moejax.models.vit import ViTClassifier
 from moejax.models.vit import patchify
 from moejax.models.hf import from_pretrained
 from moejax.models.hf import save_pretrained
+from moejax.models.upcycling import upcycle
+from moejax.models.upcycling import upcycle_params

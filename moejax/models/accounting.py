@@ -13,6 +13,7 @@ from flax import nnx
 import jax
 
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import params as params_lib
 from moejax.layers import soft_moe as soft_moe_lib
 from moejax.layers import transformer as tfm
 from moejax.models import decoder as decoder_lib
@@ -24,14 +25,15 @@ def _size(x):
 
 
 def num_params(module):
-  """Number of scalars in the nnx.Param variables of `module` (a module, a
+  """Number of scalars in the weights (nnx.Param and FrozenParam) of `module` (a module, a
   single variable, or None); RouterBias and other non-Param state are not
   parameters."""
   if module is None:
     return 0
   if isinstance(module, nnx.Variable):
-    return _size(module) if isinstance(module, nnx.Param) else 0
-  return sum(_size(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    return _size(module) if isinstance(module, params_lib.WEIGHTS) else 0
+  return sum(_size(x) for x in jax.tree.leaves(
+      nnx.state(module, params_lib.WEIGHTS)))
 
 
 def active_experts_per_token(layer):
@@ -167,9 +169,13 @@ def flops_per_token(model, seq_len=None):
   Returns:
     float FLOPs per token.
   """
+  own = getattr(model, "flops_per_token", None)
+  if callable(own):  # a model that counts its own (HFDecoder)
+    return own(seq_len)
   if not isinstance(model, (decoder_lib.DecoderLM, vit_lib.ViTClassifier)):
-    raise ValueError(f"flops_per_token supports DecoderLM and ViTClassifier, "
-                     f"got {type(model).__name__}")
+    raise ValueError(f"flops_per_token supports DecoderLM, ViTClassifier and "
+                     f"models with a flops_per_token method, got "
+                     f"{type(model).__name__}")
   return flops_breakdown(model, seq_len)["total"]
 
 
@@ -241,6 +247,9 @@ def describe(model, seq_len=None):
   Returns:
     str, several lines.
   """
+  own = getattr(model, "describe", None)
+  if callable(own):  # a model that describes itself (HFDecoder)
+    return own(seq_len)
   counts = count_params(model)
   parts = flops_breakdown(model, seq_len)
   attn = model.blocks[0].attention

@@ -163,8 +163,20 @@ class DecoderLM(nnx.Module):
                                                 "truncated_normal"),
         (model_dim, vocab_size), (nt.EMBED, nt.VOCAB), param_dtype))
 
+  def init_cache(self, batch, max_length):
+    """An empty KV cache for decoding `batch` rows of up to `max_length`
+    positions (moejax.inference.generate): one LayerCache per block, or with
+    scan_layers one per block of the period, stacked [scan_repeats]."""
+    if not self.scan_layers:
+      return [block.attention.init_cache(batch, max_length)
+              for block in self.blocks]
+    stack = lambda x: jnp.broadcast_to(x, (self.scan_repeats,) + x.shape)
+    return [jax.tree.map(stack, block.attention.init_cache(batch, max_length))
+            for block in self.blocks]
+
   def __call__(self, tokens_BL, *, padding_mask_BL=None, positions_BL=None,
-               segment_ids_BL=None, deterministic: Optional[bool] = None):
+               segment_ids_BL=None, deterministic: Optional[bool] = None,
+               cache=None):
     """Next-token logits.
 
     Args:
@@ -176,10 +188,14 @@ class DecoderLM(nnx.Module):
         ids (packed documents). MoE groups are not split by segment.
       deterministic: evaluation mode for the MoE layers; None = each layer's
         `deterministic` attribute, which model.eval() / model.train() set.
+      cache: optional KV cache (init_cache): the tokens extend the cached
+        sequence at positions_BL (required); MoE layers route without
+        dropping; no rematerialisation.
     Returns:
       (logits_BLV <float32>[B, L, V], aux): aux is the MoE layers' MoEAux
       stacked along a leading axis [len(self.moe_layers)] in layer order
-      (stack_aux), or None for a dense model (no MoE layers).
+      (stack_aux), or None for a dense model (no MoE layers); with a cache,
+      (logits_BLV, aux, new cache).
     """
     if getattr(tokens_BL, "ndim", None) != 2 or not jnp.issubdtype(
         tokens_BL.dtype, jnp.integer):
@@ -188,11 +204,17 @@ class DecoderLM(nnx.Module):
                        f"{getattr(tokens_BL, 'shape', None)}")
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
     def run_block(block, x_BLM, padding_mask_BL, segment_ids_BL,
-                  positions_BL, tokens_BL):
+                  positions_BL, tokens_BL, layer_cache=None):
+      if layer_cache is None:
+        return block(x_BLM, padding_mask_BL=padding_mask_BL,
+                     segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
+                     token_ids_BL=tokens_BL, deterministic=deterministic)
       return block(x_BLM, padding_mask_BL=padding_mask_BL,
-                   segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
-                   token_ids_BL=tokens_BL, deterministic=deterministic)
-    if self.remat == "save_moe_outputs":
+                   positions_BL=positions_BL, token_ids_BL=tokens_BL,
+                   deterministic=deterministic, cache=layer_cache)
+    # Decoding (a cache) takes no gradient: nothing to rematerialise.
+    remat_policy = self.remat if cache is None else "none"
+    if remat_policy == "save_moe_outputs":
       # MoE blocks: only the attention half is rematerialised; the MoE half
       # runs once and keeps its residuals. Dense blocks: fully.
       remat = lambda f: nnx.remat(f, prevent_cse=not self.scan_layers)
@@ -215,30 +237,43 @@ class DecoderLM(nnx.Module):
         return block.feed_forward(x_BLM, padding_mask_BL=padding_mask_BL,
                                   token_ids_BL=tokens_BL,
                                   deterministic=deterministic)
-    elif self.remat != "none":
+    elif remat_policy != "none":
       run_block = nnx.remat(run_block, policy=common.remat_policy(self.remat),
                             prevent_cse=not self.scan_layers)
     inputs = (padding_mask_BL, segment_ids_BL, positions_BL, tokens_BL)
 
-    def run_blocks(blocks, x_BLM):
-      auxes = []
-      for block in blocks:
-        x_BLM, aux = run_block(block, x_BLM, *inputs)
+    def run_blocks(blocks, x_BLM, caches=None):
+      auxes, new_caches = [], []
+      for i, block in enumerate(blocks):
+        if caches is None:
+          x_BLM, aux = run_block(block, x_BLM, *inputs)
+        else:
+          x_BLM, aux, layer_cache = run_block(block, x_BLM, *inputs,
+                                              caches[i])
+          new_caches.append(layer_cache)
         if aux is not None:
           auxes.append(aux)
-      return x_BLM, auxes
+      return x_BLM, auxes, new_caches
 
     if not self.scan_layers:
-      x_BLM, auxes = run_blocks(self.blocks, x_BLM)
+      x_BLM, auxes, new_cache = run_blocks(self.blocks, x_BLM, cache)
+      cache = None if cache is None else new_cache
       aux = tfm.stack_aux(auxes)
-    else:
+    elif cache is None:
       # A period holds at most one MoE block (its last), so the scan's
       # stacked outputs are already stack_aux's [num_moe_layers] layout.
       @nnx.scan(in_axes=(nnx.Carry, 0), out_axes=(nnx.Carry, 0))
       def scan_periods(x_BLM, blocks):
-        x_BLM, auxes = run_blocks(blocks, x_BLM)
+        x_BLM, auxes, _ = run_blocks(blocks, x_BLM)
         return x_BLM, (auxes[0] if auxes else None)
       x_BLM, aux = scan_periods(x_BLM, self.blocks)
+    else:
+      # Decoding a scanned model: each period's caches are scanned with it.
+      @nnx.scan(in_axes=(nnx.Carry, 0, 0), out_axes=(nnx.Carry, 0, 0))
+      def scan_cached(x_BLM, blocks, caches):
+        x_BLM, auxes, caches = run_blocks(blocks, x_BLM, caches)
+        return x_BLM, (auxes[0] if auxes else None), caches
+      x_BLM, aux, cache = scan_cached(x_BLM, self.blocks, cache)
     h_BLM = self.final_norm(x_BLM)
     if self.tie_embeddings:
       logits_BLV = jnp.einsum("BLM,VM->BLV", h_BLM,
@@ -250,4 +285,6 @@ class DecoderLM(nnx.Module):
                               self.w_unembed_MV[...].astype(self.dtype),
                               preferred_element_type=jnp.float32)
       logits_BLV = logits_BLV.astype(jnp.float32)
+    if cache is not None:
+      return logits_BLV, aux, cache
     return logits_BLV, aux

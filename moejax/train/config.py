@@ -120,6 +120,15 @@ def base_config():
   # Virtual CPU devices experiments/train.py asks jax for when it runs on
   # CPU (0: jax's default of one). Read before jax starts; not by the loop.
   c.num_cpu_devices = 0
+  # Start a fresh run from existing weights (moejax/train/init_from.py):
+  # path: a pretrained checkpoint directory or a training workdir ('' =
+  # off); mode: 'copy' (same structure) or 'upcycle' (a dense source into
+  # an MoE model; drop_ratio is Drop-Upcycling's r). A resume ignores it.
+  c.init_from = ml_collections.ConfigDict(dict(path="", mode="copy",
+                                               drop_ratio=0.0))
+  # Which parameters train: 'all', 'router' (routers only) or 'non_experts'
+  # (frozen experts); the rest get no gradient and no optimizer state.
+  c.trainable = "all"
   c.baseline_workdir = ""   # a finished run whose summary is shown beside
                             # (relative to the current directory)
   return c

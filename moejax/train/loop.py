@@ -36,7 +36,9 @@ import numpy as np
 
 from moejax import data as data_lib
 from moejax import models
+from moejax.data import tokenizer as tokenizer_lib
 from moejax.train import checkpoint as ckpt_lib
+from moejax.train import init_from as init_from_lib
 from moejax.train import step as step_lib
 from moejax.train import validation
 from moejax.train import workdir as workdir_lib
@@ -47,7 +49,11 @@ from moejax.train.errors import TrainingError
 from moejax.train.errors import WorkdirLockedError
 from moejax.train.errors import WorkdirWriteError
 
-MODELS = {"decoder_lm": models.DecoderLM, "vit": models.ViTClassifier}
+# config.model.name -> constructor. 'pretrained' builds the architecture of
+# a checkpoint directory's config.json (config.model.path); its weights come
+# from config.init_from (moejax/train/init_from.py).
+MODELS = {"decoder_lm": models.DecoderLM, "vit": models.ViTClassifier,
+          "pretrained": models.hf.architecture}
 TASKS = validation.TASKS
 # Metrics checked every logged step (every step with nan_policy 'skip'); a
 # non-finite value stops the run or skips the update.
@@ -83,12 +89,31 @@ def moe_kwarg(config):
   return _drop_none(_config_dict(config.moe))
 
 
+def pretrained_path(config):
+  """The checkpoint a 'pretrained' model is built from: model.path, else
+  init_from.path."""
+  return config.model.get("path") or (config.get("init_from") or {}).get(
+      "path")
+
+
+def data_tokenizer(config):
+  """data.tokenizer, else a 'pretrained' model's checkpoint (its
+  tokenizer.json), else None (bytes)."""
+  if config.data.get("tokenizer"):
+    return config.data.tokenizer
+  if config.model.get("name") == "pretrained":
+    return pretrained_path(config)
+  return None
+
+
 def model_kwargs(config, *, drop=()):
   """config.model (minus 'name' and the fields in `drop`, which are left to
   the constructor's defaults) as constructor kwargs; dtype names become jnp
   dtypes and config.moe becomes the `moe` kwarg (moe_kwarg)."""
   kwargs = {k: v for k, v in _config_dict(config.model).items()
             if k != "name" and k not in drop and v is not None}
+  if config.model.get("name") == "pretrained" and "path" not in kwargs:
+    kwargs["path"] = pretrained_path(config)
   for key in ("dtype", "param_dtype"):
     if key in kwargs:
       try:
@@ -113,8 +138,12 @@ def model_factory(config):
   seed = int(config.seed)
   impl = config.get("prng_impl") or None
 
+  trainable = config.get("trainable") or "all"
+
   def factory():
-    return cls(**kwargs, rngs=nnx.Rngs(jax.random.key(seed, impl=impl)))
+    model = cls(**kwargs, rngs=nnx.Rngs(jax.random.key(seed, impl=impl)))
+    init_from_lib.apply_trainable(model, trainable)
+    return model
   return factory
 
 
@@ -135,6 +164,8 @@ def make_datasets(config):
   eval_bs = config.get("eval_batch_size") or config.batch_size
   if config.task == "lm":
     lm = dict(seq_len=d.seq_len, max_files=d.get("max_files"), **common)
+    if data_tokenizer(config):
+      lm["tokenizer"] = tokenizer_lib.load_tokenizer(data_tokenizer(config))
     if d.get("validation_fraction") is not None:
       lm["validation_fraction"] = d.validation_fraction
     train = data_lib.make_lm_dataset(

@@ -32,6 +32,7 @@ from moejax import data as data_lib
 from moejax import models
 from moejax import sharding as sharding_lib
 from moejax.train import checkpoint as ckpt_lib
+from moejax.train import init_from as init_from_lib
 from moejax.train import loop as loop_lib
 from moejax.train import optim
 from moejax.train import state as state_lib
@@ -188,6 +189,8 @@ class Trainer:
         self.timing[key] = type(self.timing[key])(meta.get(key, 0))
       self._print(f"resumed from {ckpt.directory}/{self.start_step} (step "
                   f"{self.start_step}, {self.tokens_seen:,} tokens)")
+    elif (config.get("init_from") or {}).get("path"):
+      self._init_from(config.init_from)
     # Describe after the restore message so the header is the same either
     # way.
     self._print(models.describe(
@@ -214,6 +217,20 @@ class Trainer:
                                        stream=self.stream,
                                        enabled=self.is_main)
     self._init_loop_state()
+
+  def _init_from(self, init_from):
+    """A fresh run's weights from init_from.path (fine-tuning, upcycling)."""
+    try:
+      self.state, report = init_from_lib.fill_state(
+          self.graphdef, self.state, init_from)
+    except BaseException:
+      self.ckpt.close(quiet=True)
+      raise
+    self._print(
+        f"initialised from {init_from.path} (mode {init_from.get('mode')}): "
+        f"{len(report['copied'])} variables copied, "
+        f"{len(report['broadcast'])} upcycled into experts, "
+        f"{len(report['initialised'])} left at their initialisation")
 
   def _init_loop_state(self):
     self.eval_batches = None

@@ -19,6 +19,7 @@ changes the model or the data it was trained on (see RESUME_LOCKED).
 
 import collections
 import math
+import os
 import numbers
 import re
 
@@ -40,8 +41,9 @@ from moejax.train.errors import ConfigError
 from moejax.train.errors import ResumeConfigError
 
 TASKS = ("lm", "classification")
-MODEL_NAMES = ("decoder_lm", "vit")
-TASK_OF_MODEL = {"decoder_lm": "lm", "vit": "classification"}
+MODEL_NAMES = ("decoder_lm", "vit", "pretrained")
+TASK_OF_MODEL = {"decoder_lm": "lm", "vit": "classification",
+                 "pretrained": "lm"}
 DTYPES = ("float32", "bfloat16", "float16")
 PRNG_IMPLS = ("", "rbg", "unsafe_rbg", "threefry2x32")
 EXPERT_PARALLEL = ("", "shard_map", "gspmd")
@@ -53,6 +55,7 @@ MODEL_SIZES = {
     "vit": (("image_size", 1), ("patch_size", 1), ("num_channels", 1),
             ("num_classes", 1), ("model_dim", 1), ("num_layers", 1),
             ("num_heads", 1), ("mlp_dim", 1), ("num_moe", 0)),
+    "pretrained": (),
 }
 # Shapes of the embedded datasets the models must match.
 DATA_VOCAB = {corpus.STDLIB_BYTES: corpus.VOCAB_SIZE}
@@ -62,7 +65,8 @@ DATA_IMAGES = {digits.SKLEARN_DIGITS: dict(image_size=8, num_channels=1,
 # Fields a resumed run must keep: they define the model's parameters and
 # function, or the data stream whose saved position is restored. A field
 # under a prefix counts (`model` covers `model.model_dim`).
-RESUME_LOCKED = ("task", "model", "moe", "prng_impl", "data.dataset",
+RESUME_LOCKED = ("task", "model", "moe", "prng_impl", "trainable",
+                 "data.tokenizer", "data.dataset",
                  "data.train_split", "data.max_files",
                  "data.validation_fraction", "data.source_dir",
                  "data.text_key")
@@ -71,7 +75,8 @@ RESUME_LOCKED = ("task", "model", "moe", "prng_impl", "data.dataset",
 RESUME_FREE = ("model.remat",)
 # Fields added after runs were saved without them: their absence in a
 # saved config means this value (so older runs still resume).
-RESUME_DEFAULTS = {"model.scan_layers": False}
+RESUME_DEFAULTS = {"model.scan_layers": False, "trainable": "all",
+                   "data.tokenizer": ""}
 
 
 # ------------------------------------------------------------- helpers
@@ -296,11 +301,48 @@ def _check_model(c, p):
     p.choice("model.activation", model.get("activation"),
              params_lib.ACTIVATIONS)
   _check_model_scale(model, name, p)
+  if name == "pretrained":
+    from moejax.train import loop  # pylint: disable=g-import-not-at-top
+    field = "model.path" if model.get("path") else "init_from.path"
+    _check_pretrained_path(p, field, loop.pretrained_path(c))
   if name == "vit":
     size, patch = model.get("image_size"), model.get("patch_size")
     if _pos_int(size) and _pos_int(patch) and size % patch:
       p.add("model.patch_size", patch, f"a divisor of model.image_size="
             f"{size}", why="patches tile the image")
+
+
+def _check_pretrained_path(p, field, path):
+  """A pretrained checkpoint directory (config.json + safetensors)."""
+  from moejax.inference import checkpoints  # pylint: disable=g-import-not-at-top
+  if not (isinstance(path, str) and path and os.path.isdir(path)
+          and checkpoints.is_pretrained(path)):
+    p.add(field, path, "a checkpoint directory with config.json and "
+          "model.safetensors (or its index)")
+
+
+def _check_init_from(c, p):
+  """init_from (path, mode, drop_ratio), trainable and data.tokenizer."""
+  from moejax.train import init_from as init_from_lib  # pylint: disable=g-import-not-at-top
+  p.choice("trainable", c.get("trainable") or "all", init_from_lib.TRAINABLE)
+  from moejax.train import loop  # pylint: disable=g-import-not-at-top
+  tokenizer = loop.data_tokenizer(c) if c.get("data") else None
+  if tokenizer and tokenizer != "bytes":
+    from moejax.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    try:
+      tokenizer_lib.load_tokenizer(tokenizer)
+    except (OSError, ValueError) as e:
+      p.add("data.tokenizer", tokenizer, "a tokenizer.json, a checkpoint "
+            "directory holding one, or 'bytes'", why=str(e))
+  init = c.get("init_from")
+  if not init or not init.get("path"):
+    return
+  p.choice("init_from.mode", init.get("mode"), init_from_lib.MODES)
+  p.number("init_from.drop_ratio", init.get("drop_ratio", 0.0), 0.0, 1.0)
+  path = init.get("path")
+  if not (isinstance(path, str) and os.path.isdir(path)):
+    p.add("init_from.path", path, "a pretrained checkpoint directory or a "
+          "training workdir", why="no such directory")
 
 
 def _check_model_scale(model, name, p):
@@ -458,7 +500,10 @@ def build_abstract_model(c, p):
     return nnx.eval_shape(lambda: cls(**kwargs, rngs=nnx.Rngs(0)))
   except build_lib.MoEConfigError as e:
     _add_moe_errors(p, e)
-  except (ValueError, TypeError) as e:
+  except (ValueError, TypeError, OSError) as e:
+    # OSError: a pretrained model's config.json (its path is checked above).
+    model_problems = model_problems or any(
+        f.startswith("init_from.") for f in p.fields)
     if not model_problems:  # else most likely the problem already listed
       _add_model_line(p, str(e), c)
   return None
@@ -718,6 +763,7 @@ def validate_config(config, *, num_devices=None, process_count=None):
   _check_optimizer(config, p)
   _check_model(config, p)
   _check_data(config, p)
+  _check_init_from(config, p)
   model = None
   if not _check_flat_form(config, p):
     model = build_abstract_model(config, p)

@@ -22,7 +22,8 @@ from moejax.models import save_pretrained
 from moejax.models import hf
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
-FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
+DENSE = ("qwen3", "llama")  # upcycling sources (tests/models/test_upcycle.py)
+FAMILIES = DENSE + ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
             "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe",
             "glm4_moe")
 
@@ -63,7 +64,8 @@ def test_logits_match_transformers(name):
   assert logits_BLV.shape == d["logits_BLV"].shape
   np.testing.assert_allclose(logits_BLV[mask_BL], d["logits_BLV"][mask_BL],
                              atol=1e-4, rtol=0)
-  assert aux is not None  # every family has MoE layers
+  # Every MoE family has MoE layers; the dense ones (upcycling sources) none.
+  assert (aux is None) == (name in DENSE)
 
 
 def test_sharded_checkpoint_loads_same_weights():

@@ -8,6 +8,7 @@ from moejax.models.hf.config import UnsupportedConfig
 from moejax.models.hf.config import parse_config
 from moejax.models.hf.decoder import HFDecoder
 from moejax.models.hf.load import CheckpointError
+from moejax.models.hf.load import architecture
 from moejax.models.hf.load import from_pretrained
 from moejax.models.hf.save import save_pretrained
 from moejax.models.hf.describe import describe

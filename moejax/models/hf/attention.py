@@ -15,6 +15,7 @@ import jax.numpy as jnp
 
 from moejax import notation as nt
 from moejax.layers import attention as core
+from moejax.layers import kv_cache
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
 from moejax.models.hf import rope as rope_lib
@@ -103,12 +104,30 @@ class GQAttention(nnx.Module):
       return rot
     return jnp.concatenate([rot, x_BLND[..., r:]], axis=-1)
 
-  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None):
+  def init_cache(self, batch, max_length):
+    """An empty LayerCache of rotated keys and values: max_length slots, or
+    the sliding window's W (a rolling buffer)."""
+    s = self.spec
+    slots = max_length if self.window is None else min(self.window,
+                                                       max_length)
+    shape = ((s.num_kv_heads, s.head_dim), self.dtype)
+    return kv_cache.init(batch, slots, {"k": shape, "v": shape})
+
+  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None, cache=None):
     """<float>[B, L, M] -> <dtype>[B, L, M] (causal; keys masked by
-    key_mask_BL, the padding mask)."""
+    key_mask_BL, the padding mask).
+
+    With a LayerCache (init_cache) the queries also read the cached keys,
+    and the result is (y_BLM, cache with the new keys written).
+    """
     q, k, v = self.project(x_BLM, positions_BL)
-    mask_BLJ = core.attention_mask(positions_BL, positions_BL,
-                                   key_mask_BJ=key_mask_BL,
+    k_positions_BJ, key_mask_BJ = positions_BL, key_mask_BL
+    if cache is not None:
+      entries, k_positions_BJ, cache = kv_cache.extend(
+          cache, {"k": k, "v": v}, positions_BL, key_mask_BL)
+      k, v, key_mask_BJ = entries["k"], entries["v"], k_positions_BJ >= 0
+    mask_BLJ = core.attention_mask(positions_BL, k_positions_BJ,
+                                   key_mask_BJ=key_mask_BJ,
                                    sliding_window=self.window)
     sinks = None if self.sinks_N is None else self.sinks_N[...]
     out_BLND = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale,
@@ -117,7 +136,7 @@ class GQAttention(nnx.Module):
         self.dtype))
     if self.b_o_M is not None:
       y = y + self.b_o_M[...].astype(self.dtype)
-    return y
+    return y if cache is None else (y, cache)
 
 
 class MLAttention(nnx.Module):
@@ -166,10 +185,14 @@ class MLAttention(nnx.Module):
     self.w_o_NVM = _param(rngs, (n, dv, m), (nt.HEADS, None, nt.EMBED), pd)
     self.b_o_M = _zeros(rngs, (m,), (nt.EMBED,), pd) if spec.o_bias else None
 
-  def project(self, x_BLM, positions_BL):
-    """-> (q_BLNE, k_BLNE, v_BLNV) with E = Dn + Dr."""
-    s, dt = self.spec, self.dtype
-    dn, dr = s.qk_nope_head_dim, s.qk_rope_head_dim
+  def _rotate(self, x_BLND, positions_BL):
+    return rope_lib.apply_rotary(x_BLND, positions_BL, self.inv_freq,
+                                 self.rope_factor,
+                                 interleaved=self.interleaved)
+
+  def queries(self, x_BLM, positions_BL):
+    """<float>[B, L, M] -> q_BLNE, E = Dn + Dr (the rotary part rotated)."""
+    dn, dt = self.spec.qk_nope_head_dim, self.dtype
     x = x_BLM.astype(dt)
     w = lambda p: p[...].astype(dt)
     if self.w_q_MNE is not None:
@@ -179,32 +202,64 @@ class MLAttention(nnx.Module):
       if self.b_q_a_R is not None:
         qa = qa + w(self.b_q_a_R)
       q = jnp.einsum("BLR,RNE->BLNE", self.q_a_norm(qa), w(self.w_q_b_RNE))
-    kva = jnp.einsum("BLM,MA->BLA", x, w(self.w_kv_a_MA))
-    if self.b_kv_a_A is not None:
-      kva = kva + w(self.b_kv_a_A)
-    latent_BLC, k_rot_BLR = kva[..., :s.kv_lora_rank], kva[..., s.kv_lora_rank:]
-    kv = jnp.einsum("BLC,CNF->BLNF", self.kv_a_norm(latent_BLC),
-                    w(self.w_kv_b_CNF))
-    k_nope, v = kv[..., :dn], kv[..., dn:]
-    rot = lambda t: rope_lib.apply_rotary(t, positions_BL, self.inv_freq,
-                                          self.rope_factor,
-                                          interleaved=self.interleaved)
-    q = jnp.concatenate([q[..., :dn], rot(q[..., dn:])], axis=-1)
-    k_rot = jnp.broadcast_to(rot(k_rot_BLR[:, :, None, :]),
-                             k_nope.shape[:-1] + (dr,))
-    k = jnp.concatenate([k_nope, k_rot], axis=-1)
-    return q, k, v
+    return jnp.concatenate([q[..., :dn], self._rotate(q[..., dn:],
+                                                      positions_BL)], axis=-1)
 
-  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None):
-    """<float>[B, L, M] -> <dtype>[B, L, M] (causal)."""
-    q, k, v = self.project(x_BLM, positions_BL)
-    mask_BLJ = core.attention_mask(positions_BL, positions_BL,
-                                   key_mask_BJ=key_mask_BL)
+  def compress(self, x_BLM, positions_BL):
+    """<float>[B, L, M] -> (latent_BLC normed, k_rot_BLR rotated): what a
+    KV cache stores per token (C + R numbers instead of N * (Dn + Dr + Dv))."""
+    s, dt = self.spec, self.dtype
+    kva = jnp.einsum("BLM,MA->BLA", x_BLM.astype(dt),
+                     self.w_kv_a_MA[...].astype(dt))
+    if self.b_kv_a_A is not None:
+      kva = kva + self.b_kv_a_A[...].astype(dt)
+    latent_BLC, k_rot_BLR = kva[..., :s.kv_lora_rank], kva[..., s.kv_lora_rank:]
+    k_rot_BLR = self._rotate(k_rot_BLR[:, :, None, :], positions_BL)[:, :, 0]
+    return self.kv_a_norm(latent_BLC), k_rot_BLR
+
+  def expand(self, latent_BJC, k_rot_BJR):
+    """Latents -> (k_BJNE, v_BJNV): per-head keys (the rotary key shared by
+    all heads) and values."""
+    dn = self.spec.qk_nope_head_dim
+    kv = jnp.einsum("BJC,CNF->BJNF", latent_BJC.astype(self.dtype),
+                    self.w_kv_b_CNF[...].astype(self.dtype))
+    k_nope, v = kv[..., :dn], kv[..., dn:]
+    k_rot = jnp.broadcast_to(k_rot_BJR[:, :, None, :].astype(k_nope.dtype),
+                             k_nope.shape[:-1] + k_rot_BJR.shape[-1:])
+    return jnp.concatenate([k_nope, k_rot], axis=-1), v
+
+  def project(self, x_BLM, positions_BL):
+    """-> (q_BLNE, k_BLNE, v_BLNV) with E = Dn + Dr."""
+    return (self.queries(x_BLM, positions_BL),
+            *self.expand(*self.compress(x_BLM, positions_BL)))
+
+  def init_cache(self, batch, max_length):
+    """An empty LayerCache of the compressed latents and rotary keys."""
+    s = self.spec
+    return kv_cache.init(batch, max_length, {
+        "latent": ((s.kv_lora_rank,), self.dtype),
+        "k_rot": ((s.qk_rope_head_dim,), self.dtype)})
+
+  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None, cache=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M] (causal); with a LayerCache,
+    (y_BLM, cache with the new latents written)."""
+    q = self.queries(x_BLM, positions_BL)
+    latent, k_rot = self.compress(x_BLM, positions_BL)
+    k_positions_BJ, key_mask_BJ = positions_BL, key_mask_BL
+    if cache is not None:
+      entries, k_positions_BJ, cache = kv_cache.extend(
+          cache, {"latent": latent, "k_rot": k_rot}, positions_BL,
+          key_mask_BL)
+      latent, k_rot = entries["latent"], entries["k_rot"]
+      key_mask_BJ = k_positions_BJ >= 0
+    k, v = self.expand(latent, k_rot)
+    mask_BLJ = core.attention_mask(positions_BL, k_positions_BJ,
+                                   key_mask_BJ=key_mask_BJ)
     out = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale)
     y = jnp.einsum("BLNV,NVM->BLM", out, self.w_o_NVM[...].astype(self.dtype))
     if self.b_o_M is not None:
       y = y + self.b_o_M[...].astype(self.dtype)
-    return y
+    return y if cache is None else (y, cache)
 
 
 FORMS = {"gqa": GQAttention, "mla": MLAttention}

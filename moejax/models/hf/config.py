@@ -481,7 +481,35 @@ def parse_glm4_moe(f):
               ffn_kinds=kinds, windows=(None,) * c["num_layers"])
 
 
+def _dense_only(c, att, f, rope):
+  n = c["num_layers"]
+  return dict(c, attention=att, rope=rope,
+              dense_hidden_dim=f.need("intermediate_size"), moe={},
+              ffn_kinds=("dense",) * n, windows=(None,) * n)
+
+
+def parse_qwen3(f):
+  """Dense Qwen3 (an upcycling source): Qwen3-MoE's attention, SwiGLU FFNs."""
+  c = _common(f)
+  _full_attention_only(f)
+  f.get("max_window_layers")  # only with use_sliding_window
+  bias = bool(f.get("attention_bias", False))
+  att = _gqa(f, qkv_bias=bias, o_bias=bias, qk_norm="head")
+  return _dense_only(c, att, f, _rope(f, att.head_dim))
+
+
+def parse_llama(f):
+  """Dense Llama (an upcycling source): GQA, SwiGLU FFNs without biases."""
+  c = _common(f)
+  f.only("mlp_bias", (False,), False)
+  bias = bool(f.get("attention_bias", False))
+  att = _gqa(f, qkv_bias=bias, o_bias=bias)
+  return _dense_only(c, att, f, _rope(f, att.head_dim))
+
+
 FAMILIES = {
+    "qwen3": parse_qwen3,
+    "llama": parse_llama,
     "mixtral": parse_mixtral,
     "olmoe": parse_olmoe,
     "qwen2_moe": parse_qwen2_moe,

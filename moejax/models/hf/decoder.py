@@ -41,18 +41,24 @@ class HFBlock(nnx.Module):
     self.dtype = dtype
     self.residual_scale = spec.residual_scale
 
-  def __call__(self, x_BLM, positions_BL, padding_mask_BL, deterministic):
+  def __call__(self, x_BLM, positions_BL, padding_mask_BL, deterministic,
+               cache=None):
+    """-> (x_BLM, aux or None), and the block's new LayerCache when given one."""
     h = self.attention(self.input_norm(x_BLM), positions_BL,
-                       key_mask_BL=padding_mask_BL)
+                       key_mask_BL=padding_mask_BL, cache=cache)
+    if cache is not None:
+      h, cache = h
     x_BLM = x_BLM + h.astype(self.dtype) * self.residual_scale
     h = self.post_attention_norm(x_BLM)
     aux = None
     if self.is_moe:
+      decode = {} if cache is None else {"no_drop": True}
       y, aux = self.ffn(h, padding_mask_BL=padding_mask_BL,
-                        deterministic=deterministic)
+                        deterministic=deterministic, **decode)
     else:
       y = self.ffn(h)
-    return x_BLM + y.astype(self.dtype) * self.residual_scale, aux
+    out = x_BLM + y.astype(self.dtype) * self.residual_scale
+    return (out, aux) if cache is None else (out, aux, cache)
 
 
 class HFDecoder(nnx.Module):
@@ -82,9 +88,45 @@ class HFDecoder(nnx.Module):
                                               spec.vocab_size),
         (nt.EMBED, nt.VOCAB), param_dtype))
 
+  @property
+  def moe_layers(self):
+    """0-based indices of the MoE blocks (aux is stacked in this order)."""
+    return tuple(i for i, block in enumerate(self.blocks) if block.is_moe)
+
+  def flops_per_token(self, seq_len):
+    """Forward matmul FLOPs per token (multiply-add = 2): 2 x the active
+    non-embedding parameters (k routed experts per MoE layer), the attention
+    scores and values over seq_len keys, and the logits."""
+    from moejax.models import accounting  # pylint: disable=g-import-not-at-top
+    active = accounting.count_params(self)["active"]
+    s, att = self.spec, self.spec.attention
+    qk = att.head_dim or (att.qk_nope_head_dim + att.qk_rope_head_dim)
+    v = att.head_dim or att.v_head_dim
+    attention = 2 * seq_len * att.num_heads * (qk + v) * s.num_layers
+    embed = s.vocab_size * s.model_dim
+    logits = 2 * embed
+    # The embedding is a gather; tied, its matrix also makes the logits.
+    matmul_params = active - embed - (0 if s.tie_embeddings else embed)
+    return float(2 * matmul_params + attention + logits)
+
+  def describe(self, seq_len=None):
+    """A few lines: family, shape, parameters, routing, attention form."""
+    from moejax.models import hf  # pylint: disable=g-import-not-at-top
+    text = hf.describe(self)  # the function (hf/describe.py)
+    if seq_len:
+      text += (f"\n  forward FLOPs/token at L={seq_len}: "
+               f"{self.flops_per_token(seq_len):,.0f}")
+    return text
+
+  def init_cache(self, batch, max_length):
+    """[LayerCache per block]: an empty KV cache for `batch` rows of up to
+    `max_length` positions (moejax.inference.generate)."""
+    return [block.attention.init_cache(batch, max_length)
+            for block in self.blocks]
+
   def __call__(self, tokens_BL, *, padding_mask_BL=None,
                positions_BL: Optional[jnp.ndarray] = None,
-               deterministic: Optional[bool] = True):
+               deterministic: Optional[bool] = True, cache=None):
     """Next-token logits.
 
     Args:
@@ -96,9 +138,12 @@ class HFDecoder(nnx.Module):
         every row, as transformers gives a right-padded batch).
       deterministic: passed to the MoE layers (True: evaluation; None:
         each layer's own attribute, for fine-tuning after model.train()).
+      cache: optional [LayerCache] (init_cache): the tokens extend the
+        cached sequence (pass their positions); padding is not cached.
     Returns:
       (logits_BLV <float32>[B, L, V], aux): the MoE layers' MoEAux stacked
-      along a leading axis in layer order, or None without MoE layers.
+      along a leading axis in layer order, or None without MoE layers; with
+      a cache, (logits_BLV, aux, new cache).
     """
     if getattr(tokens_BL, "ndim", None) != 2 or not jnp.issubdtype(
         tokens_BL.dtype, jnp.integer):
@@ -113,9 +158,14 @@ class HFDecoder(nnx.Module):
     x_BLM = jnp.take(self.embed_VM[...], tokens_BL, axis=0).astype(self.dtype)
     if self.spec.embed_scale != 1.0:
       x_BLM = x_BLM * self.spec.embed_scale
-    auxes = []
-    for block in self.blocks:
-      x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL, deterministic)
+    auxes, new_cache = [], []
+    for i, block in enumerate(self.blocks):
+      if cache is None:
+        x_BLM, aux = block(x_BLM, positions_BL, padding_mask_BL, deterministic)
+      else:
+        x_BLM, aux, layer_cache = block(x_BLM, positions_BL, padding_mask_BL,
+                                        deterministic, cache[i])
+        new_cache.append(layer_cache)
       if aux is not None:
         auxes.append(aux)
     h_BLM = self.final_norm(x_BLM)
@@ -126,4 +176,6 @@ class HFDecoder(nnx.Module):
     logits_BLV = logits_BLV.astype(jnp.float32)
     if self.spec.logits_scale != 1.0:
       logits_BLV = logits_BLV / self.spec.logits_scale
+    if cache is not None:
+      return logits_BLV, tfm.stack_aux(auxes), new_cache
     return logits_BLV, tfm.stack_aux(auxes)

@@ -7,10 +7,12 @@ import math
 from flax import nnx
 import jax
 
+from moejax.layers import params as params_lib
+
 
 def _params(module):
   return sum(int(math.prod(x.shape))
-             for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+             for x in jax.tree.leaves(nnx.state(module, params_lib.WEIGHTS)))
 
 
 def _routing_rule(router):

@@ -66,6 +66,15 @@ def _sharding(variable, mesh):
       mesh, sharding_rules.variable_spec(variable, mesh=mesh))
 
 
+def architecture(path, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+  """The HFDecoder that path's config.json describes, freshly initialised
+  (no weights read): the trainer builds it, then fills it from the
+  checkpoint (moejax.train.init_from)."""
+  spec = config_lib.parse_config(read_config(path))
+  return decoder_lib.HFDecoder(spec, dtype=dtype, param_dtype=param_dtype,
+                               rngs=rngs)
+
+
 def from_pretrained(path, *, dtype=None, mesh=None):
   """Loads a HF MoE checkpoint (see moejax.models.hf.config.FAMILIES).
 
