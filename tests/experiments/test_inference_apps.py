@@ -46,3 +46,23 @@ def test_a_missing_checkpoint_is_one_clear_error(tmp_path):
   assert out.returncode != 0
   assert "is not a directory" in out.stderr
   assert "Traceback" not in out.stderr
+
+
+def test_generate_app_reads_a_training_workdir(tmp_path):
+  # A 1-step smoke run of the default LM, then bytes in, bytes out.
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  from moejax import train  # pylint: disable=g-import-not-at-top
+  path = os.path.join(ROOT, "experiments", "configs", "lm_stdlib.py")
+  spec = importlib.util.spec_from_file_location("lm_stdlib", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  c = module.get_config("size=smoke")
+  c.data.data_dir = str(tmp_path / "data")
+  c.num_train_steps, c.eval_every = 1, 0
+  c.optimizer.warmup_steps = 0
+  with open(os.devnull, "w") as null:
+    train.train_and_evaluate(c, str(tmp_path / "run"), stream=null)
+  out = _run("experiments.generate", f"--checkpoint={tmp_path / 'run'}",
+             "--prompt=import ", "--max_new_tokens=4")
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.startswith("import ") and "[4 tokens in" in out.stdout
