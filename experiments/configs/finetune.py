@@ -58,6 +58,8 @@ def get_config(arg=None):
       # The checkpoint's tokenizer.json; None: init_from.path.
       tokenizer=config_dict.placeholder(str),
       data_dir=config_dict.placeholder(str),
+      # dataset='text_files': a directory of your .txt/.md/.rst/.py files.
+      source_dir=config_dict.placeholder(str),
       max_files=config_dict.placeholder(int),
       validation_fraction=config_dict.placeholder(float)))
   c.aux_loss_weights.load_balance = 1e-2

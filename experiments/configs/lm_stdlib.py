@@ -72,6 +72,8 @@ def get_config(arg=None):
       dataset="stdlib_bytes", seq_len=seq_len, train_split="train",
       eval_split="validation", shuffle_buffer_size=1024,
       data_dir=config_dict.placeholder(str),      # None: $MOEJAX_DATA_DIR etc.
+      # dataset='text_files': a directory of your .txt/.md/.rst/.py files.
+      source_dir=config_dict.placeholder(str),
       max_files=config_dict.placeholder(int),     # None: the whole stdlib
       validation_fraction=config_dict.placeholder(float)))
 

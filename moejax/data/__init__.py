@@ -46,6 +46,7 @@ from moejax.data.integrity import DatasetFileError
 from moejax.data.lm import check_dataset_files
 from moejax.data.lm import EMBEDDED_DATASETS
 from moejax.data.lm import EMBEDDED_TEXT_DATASETS
+from moejax.data.lm import OWN_TEXT_DATASETS
 from moejax.data.lm import make_lm_dataset
 from moejax.data.lm import PackedWindowsIterDataset
 from moejax.data.vision import EMBEDDED_IMAGE_DATASETS
@@ -56,6 +57,7 @@ __all__ = [
     "EMBEDDED_DATASETS",
     "EMBEDDED_IMAGE_DATASETS",
     "EMBEDDED_TEXT_DATASETS",
+    "OWN_TEXT_DATASETS",
     "DatasetFileError",
     "EOS_ID",
     "PackedWindowsIterDataset",

@@ -37,8 +37,12 @@ from moejax.data import common
 from moejax.data import corpus
 from moejax.data import digits
 from moejax.data import integrity
+from moejax.data import text_files
 
 EMBEDDED_TEXT_DATASETS = (corpus.STDLIB_BYTES,)
+# Text datasets moejax reads without TFDS: the embedded ones and a directory
+# of the user's files (text_files; source_dir names it).
+OWN_TEXT_DATASETS = EMBEDDED_TEXT_DATASETS + (text_files.TEXT_FILES,)
 EMBEDDED_DATASETS = (corpus.STDLIB_BYTES, digits.SKLEARN_DIGITS)
 
 
@@ -323,6 +327,10 @@ def _open_text_source(dataset, split, data_dir, source_dir, max_files,
           download=False, builder_kwargs={"config": builder.builder_config})
     num_tokens = builder.info.metadata["num_tokens"].get(split)
     return source, num_tokens
+  if dataset == text_files.TEXT_FILES:
+    source = text_files.TextFilesSource(
+        source_dir, split, validation_fraction=validation_fraction)
+    return source, source.num_tokens
   if source_dir is not None or max_files is not None:
     raise ValueError(
         f"source_dir/max_files select the {corpus.STDLIB_BYTES!r} corpus; "
@@ -373,7 +381,9 @@ def make_lm_dataset(
   Args:
     seq_len: tokens per example (windows of `seq_len + 1` are cut).
     global_batch_size: examples per step over all processes.
-    dataset: `'stdlib_bytes'` (embedded, built on first use into `data_dir`)
+    dataset: `'stdlib_bytes'` (embedded, built on first use into `data_dir`),
+      `'text_files'` (every .txt/.md/.rst/.py file under `source_dir`, read
+      as it is: moejax.data.text_files)
       or any TFDS dataset name with a text feature (`'tiny_shakespeare'`,
       `'lm1b'`, ...), read through `tfds.data_source` from `data_dir`; it must
       be prepared there as array_record, or pass `download=True` (internet).

@@ -164,6 +164,8 @@ def make_datasets(config):
   eval_bs = config.get("eval_batch_size") or config.batch_size
   if config.task == "lm":
     lm = dict(seq_len=d.seq_len, max_files=d.get("max_files"), **common)
+    if d.get("source_dir"):
+      lm["source_dir"] = d.source_dir
     if data_tokenizer(config):
       lm["tokenizer"] = tokenizer_lib.load_tokenizer(data_tokenizer(config))
     if d.get("validation_fraction") is not None:

@@ -58,7 +58,7 @@ MODEL_SIZES = {
     "pretrained": (),
 }
 # Shapes of the embedded datasets the models must match.
-DATA_VOCAB = {corpus.STDLIB_BYTES: corpus.VOCAB_SIZE}
+DATA_VOCAB = {corpus.STDLIB_BYTES: corpus.VOCAB_SIZE, "text_files": corpus.VOCAB_SIZE}
 DATA_IMAGES = {digits.SKLEARN_DIGITS: dict(image_size=8, num_channels=1,
                                            num_classes=digits.DIGITS_NUM_CLASSES)}
 
@@ -401,10 +401,10 @@ def _check_dataset(task, dataset, p):
   max_files problem)."""
   if task not in TASKS:
     return
-  kinds = {"lm": ("text", data_lib.EMBEDDED_TEXT_DATASETS),
+  kinds = {"lm": ("text", data_lib.OWN_TEXT_DATASETS),
            "classification": ("image", data_lib.EMBEDDED_IMAGE_DATASETS)}
   kind, own = kinds[task]
-  allowed = (f"{list(own)} (embedded) or the name of a registered TFDS "
+  allowed = (f"{list(own)} (moejax's own) or the name of a registered TFDS "
              f"{kind} dataset")
   if not isinstance(dataset, str) or not dataset:
     p.add("data.dataset", dataset, allowed)
@@ -441,7 +441,14 @@ def _check_data(c, p):
   _check_dataset(c.get("task"), dataset, p)
   if c.get("task") == "lm":
     p.integer("data.seq_len", d.get("seq_len"), 1)
-    vocab = DATA_VOCAB.get(dataset)
+    if dataset == "text_files" and not (
+        isinstance(d.get("source_dir"), str) and
+        os.path.isdir(d.get("source_dir"))):
+      p.add("data.source_dir", d.get("source_dir"), "a directory of text "
+            "files", why="dataset 'text_files' reads source_dir")
+    from moejax.train import loop  # pylint: disable=g-import-not-at-top
+    # Bytes (257 ids) unless a tokenizer makes the ids.
+    vocab = None if loop.data_tokenizer(c) else DATA_VOCAB.get(dataset)
     v = model.get("vocab_size")
     if vocab and _pos_int(v) and v < vocab:
       p.add("model.vocab_size", v, f"an integer >= {vocab}",

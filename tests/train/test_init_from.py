@@ -151,3 +151,19 @@ def test_upcycling_a_dense_run_starts_at_the_dense_model(tmp_path):
   out = io.StringIO()
   train.train_and_evaluate(c, str(tmp_path / "upcycled"), stream=out)
   assert "upcycled into experts" in out.getvalue()
+
+
+def test_fine_tuning_on_the_users_text_files(tmp_path):
+  docs = tmp_path / "docs"
+  docs.mkdir()
+  for i in range(4):
+    (docs / f"d{i}.txt").write_text(f"fine-tuning text number {i}\n" * 60)
+  c = _finetune(tmp_path, "router", steps=2)
+  c.data.dataset, c.data.source_dir = "text_files", str(docs)
+  c.data.validation_fraction = 0.5
+  out = io.StringIO()
+  train.train_and_evaluate(c, str(tmp_path / "run"), stream=out)
+  assert "initialised from" in out.getvalue()
+  c.data.source_dir = str(tmp_path / "nowhere")
+  with pytest.raises(train.ConfigError, match="config.data.source_dir="):
+    loop.validate_config(c)
