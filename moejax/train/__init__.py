@@ -44,8 +44,7 @@ from moejax.train.step import evaluate
 from moejax.train.step import make_eval_step
 from moejax.train.step import make_train_step
 from moejax.train.step import masked_cross_entropy
-from moejax.train.tfevents import EventFileWriter
-from moejax.train.tfevents import read_scalars
+from moejax.train.writers import read_scalars
 from moejax.train.writers import JsonlWriter
 from moejax.train.writers import ProgressBar
 from moejax.train.writers import TensorBoardWriter

@@ -207,6 +207,7 @@ class Trainer:
             os.path.join(self.workdir, "tensorboard"))
         if self.start_step:
           tb.session_start(self.start_step + 1)
+        tb.write_config(config, step=self.start_step)
       except OSError as e:  # a full disk at a resume: metrics.jsonl as it was
         error = loop_lib._workdir_error(self.workdir, e, ckpt)  # pylint: disable=protected-access
         ckpt.close(quiet=True)

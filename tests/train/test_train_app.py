@@ -17,7 +17,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from moejax.train import tfevents
+from moejax.train import writers
 from moejax.train import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
@@ -120,7 +120,7 @@ def _check_smoke_run(workdir, proc):
   assert evals[-1]["eval/perplexity"] == pytest.approx(
       math.exp(evals[-1]["eval/ce_loss"]), rel=1e-5)
 
-  scalars = tfevents.read_scalars(str(workdir / "tensorboard"))
+  scalars = writers.read_scalars(str(workdir / "tensorboard"))
   assert [s for s, _ in scalars["train/loss"]] == list(range(1, STEPS + 1))
   np.testing.assert_allclose([v for _, v in scalars["train/loss"]],
                              [r["train/loss"] for r in train], rtol=1e-6)
