@@ -26,6 +26,7 @@ import inspect
 
 import jax.numpy as jnp
 
+from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
 from moejax.layers import ffn as ffn_lib
@@ -42,6 +43,8 @@ ROUTERS = {
     "balanced": routers_lib.BalancedRouter,
     "deepseek": routers_lib.DeepSeekRouter,
     "cosine": routers_lib.CosineRouter,
+    "top_p": dynamic_routers.TopPRouter,
+    "null_experts": dynamic_routers.NullExpertRouter,
 }
 ENGINES = {
     "einsum": engines_lib.EinsumEngine,
@@ -55,7 +58,7 @@ LAYERS = ("moe", "soft_moe")
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
             "eval_capacity_factor", "capacity", "min_capacity",
             "capacity_multiple_of", "group_size", "pad_groups", "shared",
-            "residual", "allow_non_causal", "layers")
+            "residual", "allow_non_causal", "layers", "balance_scope")
 SOFT_MOE_KEYS = ("layer", "experts", "slots_per_expert", "group_size",
                  "allow_non_causal", "layers")
 EXPERTS_KEYS = ("num_experts", "hidden_dim", "activation")
@@ -381,7 +384,8 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     raise MoEConfigError(errors)
   layer_kw = {k: config[k] for k in (
       "capacity_factor", "eval_capacity_factor", "capacity", "min_capacity",
-      "capacity_multiple_of", "group_size", "pad_groups") if k in config}
+      "capacity_multiple_of", "group_size", "pad_groups", "balance_scope")
+      if k in config}
   layer = part("moe", config, lambda: moe_lib.MoELayer(
       router=router, experts=experts, engine=engine, shared=shared,
       residual=residual, expert_parallel=expert_parallel, **layer_kw))
