@@ -26,6 +26,7 @@ import inspect
 
 import jax.numpy as jnp
 
+from moejax.layers import dense_to_sparse
 from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
@@ -45,6 +46,8 @@ ROUTERS = {
     "cosine": routers_lib.CosineRouter,
     "top_p": dynamic_routers.TopPRouter,
     "null_experts": dynamic_routers.NullExpertRouter,
+    "dense_to_sparse": dense_to_sparse.DenseToSparseRouter,
+    "stable_moe": dense_to_sparse.StableMoERouter,
 }
 ENGINES = {
     "einsum": engines_lib.EinsumEngine,
