@@ -31,6 +31,7 @@ from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import merging
 from moejax.layers import moe as moe_lib
 from moejax.layers import routers as routers_lib
 from moejax.layers import soft_moe as soft_moe_lib
@@ -55,7 +56,11 @@ ENGINES = {
     "dropless": engines_lib.DroplessEngine,
     "pallas": engines_lib.PallasEngine,
 }
-LAYERS = ("moe", "soft_moe")
+# MoE layer kinds beyond moe/soft_moe: classes with from_config(config,
+# experts_cfg, ...) and CONFIG_KEYS (the config keys that are not their own
+# constructor options).
+LAYER_CLASSES = {"smear": merging.SMEARLayer, "lory": merging.LoryLayer}
+LAYERS = ("moe", "soft_moe") + tuple(LAYER_CLASSES)
 
 # Top-level keys of an MoE config, and those of each part.
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
@@ -285,6 +290,11 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   if layer_kind not in LAYERS:
     raise MoEConfigError([("moe.layer", layer_kind,
                            f"allowed: {list(LAYERS)}")])
+  if layer_kind in LAYER_CLASSES:
+    return _build_layer_class(
+        LAYER_CLASSES[layer_kind], config, model_dim=model_dim, rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype, causal=causal,
+        expert_defaults=expert_defaults)
   errors = _unknown_keys(config, MOE_KEYS if layer_kind == "moe"
                          else SOFT_MOE_KEYS, "moe.")
   experts_cfg = dict(expert_defaults or {})
@@ -407,6 +417,37 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   return layer
 
 
+def _build_layer_class(cls, config, *, model_dim, rngs, dtype, param_dtype,
+                       causal, expert_defaults):
+  """A LAYER_CLASSES layer from its config (errors as MoEConfigError)."""
+  experts_cfg = dict(expert_defaults or {})
+  experts_cfg.update(_as_dict(config.get("experts")) or {})
+  errors = _unknown_keys(experts_cfg, EXPERTS_KEYS, "moe.experts.")
+  if "num_experts" not in experts_cfg:
+    errors.append(("moe.experts.num_experts", None,
+                   "missing; the number of experts E is needed"))
+  opts = {k: v for k, v in config.items() if k not in cls.CONFIG_KEYS}
+  errors += _untaken_options(
+      cls, opts, ("model_dim", "hidden_dim", "num_experts", "activation",
+                  "dtype", "param_dtype", "rngs"), "moe")
+  if errors:
+    raise MoEConfigError(errors)
+  try:
+    layer = cls.from_config(config, experts_cfg, model_dim=model_dim,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                            causal=causal)
+  except OptionError as err:
+    raise MoEConfigError([(f"moe.{err.option}", err.value, str(err))]) from None
+  except (ValueError, TypeError) as err:
+    raise MoEConfigError([("moe", config.get("layer"), str(err))]) from None
+  if causal and not layer.causal and not config.get("allow_non_causal"):
+    raise MoEConfigError([("moe.layer", config.get("layer"), (
+        f"{cls.__name__} reads later tokens of its group in this setting; "
+        f"in a causal model use a causal option or set "
+        f"moe.allow_non_causal=True"))])
+  return layer
+
+
 def known_loss_names(layers=()):
   """Loss names an MoE layer can report: the layer's own, every registered
   router's `loss_names`, and those of the routers of `layers` (a user's
@@ -421,4 +462,5 @@ def known_loss_names(layers=()):
 
 def moe_layer_types():
   """The module classes that return (y, MoEAux)."""
-  return (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer)
+  return (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer) + tuple(
+      LAYER_CLASSES.values())
