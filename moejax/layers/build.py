@@ -32,6 +32,7 @@ from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
 from moejax.layers import ffn as ffn_lib
 from moejax.layers import merging
+from moejax.layers import mod as mod_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import routers as routers_lib
 from moejax.layers import soft_moe as soft_moe_lib
@@ -61,6 +62,11 @@ ENGINES = {
 # constructor options).
 LAYER_CLASSES = {"smear": merging.SMEARLayer, "lory": merging.LoryLayer}
 LAYERS = ("moe", "soft_moe") + tuple(LAYER_CLASSES)
+
+# Model wrappers (DecoderLM(wrappers={name: options})): functions
+# f(model, *, rngs, **options) that change a built model in place, applied
+# in this order.
+WRAPPERS = {"mod": mod_lib.apply_mod}
 
 # Top-level keys of an MoE config, and those of each part.
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
@@ -448,11 +454,39 @@ def _build_layer_class(cls, config, *, model_dim, rngs, dtype, param_dtype,
   return layer
 
 
+def apply_wrappers(model, wrappers, *, rngs):
+  """Applies WRAPPERS to `model` in registry order: `wrappers` maps a name
+  (or a dotted path to a function) to its options. Errors are a
+  MoEConfigError on model.wrappers.<name>.<option>."""
+  wrappers = _as_dict(wrappers) or {}
+  names = [n for n in WRAPPERS if n in wrappers] + [
+      n for n in wrappers if n not in WRAPPERS]
+  for name in names:
+    field = f"model.wrappers.{name}"
+    try:
+      fn = resolve(name, WRAPPERS, "wrapper")
+      opts = _as_dict(wrappers[name]) or {}
+      params = inspect.signature(fn).parameters
+      bad = sorted(set(opts) - set(params) - {"rngs"})
+      if bad and not any(p.kind == inspect.Parameter.VAR_KEYWORD
+                         for p in params.values()):
+        raise MoEConfigError([(f"{field}.{b}", opts[b], (
+            f"{name} does not take option {b!r}; its options: "
+            f"{sorted(set(params) - {'model', 'rngs'})}")) for b in bad])
+      fn(model, rngs=rngs, **opts)
+    except MoEConfigError:
+      raise
+    except OptionError as err:
+      where = field if err.option == "name" else f"{field}.{err.option}"
+      raise MoEConfigError([(where, err.value, str(err))]) from None
+  return model
+
+
 def known_loss_names(layers=()):
   """Loss names an MoE layer can report: the layer's own, every registered
   router's `loss_names`, and those of the routers of `layers` (a user's
   router by dotted path declares its own)."""
-  names = set(moe_lib.BASE_LOSSES)
+  names = set(moe_lib.BASE_LOSSES) | {"mod_predictor"}
   routers = list(ROUTERS.values()) + [getattr(l, "router", None)
                                       for l in layers]
   for router in routers:

@@ -6,6 +6,7 @@ from flax import nnx
 import jax.numpy as jnp
 
 from moejax import notation as nt
+from moejax.layers import build as build_lib
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
 from moejax.models import common
@@ -62,6 +63,9 @@ class DecoderLM(nnx.Module):
       separate w_unembed_MV.
     rope_max_wavelength: RoPE base.
     norm_eps: RMSNorm epsilon.
+    wrappers: {name: options} of moejax.layers.build.WRAPPERS applied to
+      the built model (Mixture-of-Depths 'mod', 'attention_experts',
+      'lora_experts'), or None.
     dtype, param_dtype: compute and parameter dtypes; logits are float32.
     rngs: nnx.Rngs ('params'; MoE layers may also use 'router').
   Parameters: embed_VM [V, M] (vocab, embed); blocks; final_norm;
@@ -72,7 +76,7 @@ class DecoderLM(nnx.Module):
                moe_every=0, moe_layers=None, moe=None, head_dim=None, activation="swiglu",
                tie_embeddings=True, rope_max_wavelength=10_000.0,
                norm_eps=1e-6, dtype=jnp.float32, param_dtype=jnp.float32,
-               rngs):
+               wrappers=None, rngs):
     for name, value in (("vocab_size", vocab_size), ("model_dim", model_dim),
                         ("num_layers", num_layers), ("num_heads", num_heads),
                         ("mlp_dim", mlp_dim)):
@@ -116,6 +120,8 @@ class DecoderLM(nnx.Module):
         rngs, nnx.initializers.variance_scaling(1.0, "fan_in",
                                                 "truncated_normal"),
         (model_dim, vocab_size), (nt.EMBED, nt.VOCAB), param_dtype))
+    if wrappers:
+      build_lib.apply_wrappers(self, wrappers, rngs=rngs)
 
   def __call__(self, tokens_BL, *, padding_mask_BL=None, positions_BL=None,
                segment_ids_BL=None, deterministic: Optional[bool] = None):
