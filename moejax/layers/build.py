@@ -26,6 +26,7 @@ import inspect
 
 import jax.numpy as jnp
 
+from moejax.layers import attention_experts
 from moejax.layers import dense_to_sparse
 from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
@@ -66,7 +67,9 @@ LAYERS = ("moe", "soft_moe") + tuple(LAYER_CLASSES)
 # Model wrappers (DecoderLM(wrappers={name: options})): functions
 # f(model, *, rngs, **options) that change a built model in place, applied
 # in this order.
-WRAPPERS = {"mod": mod_lib.apply_mod}
+WRAPPERS = {"moa": attention_experts.apply_moa,
+            "switchhead": attention_experts.apply_switchhead,
+            "mod": mod_lib.apply_mod}
 
 # Top-level keys of an MoE config, and those of each part.
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
