@@ -32,6 +32,7 @@ from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import lora_experts
 from moejax.layers import merging
 from moejax.layers import mod as mod_lib
 from moejax.layers import moe as moe_lib
@@ -69,6 +70,7 @@ LAYERS = ("moe", "soft_moe") + tuple(LAYER_CLASSES)
 # in this order.
 WRAPPERS = {"moa": attention_experts.apply_moa,
             "switchhead": attention_experts.apply_switchhead,
+            "lora_experts": lora_experts.apply_lora_experts,
             "mod": mod_lib.apply_mod}
 
 # Top-level keys of an MoE config, and those of each part.

@@ -13,6 +13,7 @@ from flax import nnx
 import jax
 
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import lora_experts
 from moejax.layers import soft_moe as soft_moe_lib
 from moejax.layers import transformer as tfm
 from moejax.models import decoder as decoder_lib
@@ -23,15 +24,19 @@ def _size(x):
   return int(math.prod(x.shape))
 
 
+# Parameters: trained ones, and frozen ones (LoRA experts' base weights).
+PARAMS = (nnx.Param, lora_experts.FrozenParam)
+
+
 def num_params(module):
-  """Number of scalars in the nnx.Param variables of `module` (a module, a
-  single variable, or None); RouterBias and other non-Param state are not
-  parameters."""
+  """Number of scalars in the nnx.Param (and FrozenParam) variables of
+  `module` (a module, a single variable, or None); RouterBias and other
+  non-Param state are not parameters."""
   if module is None:
     return 0
   if isinstance(module, nnx.Variable):
-    return _size(module) if isinstance(module, nnx.Param) else 0
-  return sum(_size(x) for x in jax.tree.leaves(nnx.state(module, nnx.Param)))
+    return _size(module) if isinstance(module, PARAMS) else 0
+  return sum(_size(x) for x in jax.tree.leaves(nnx.state(module, PARAMS)))
 
 
 def active_experts_per_token(layer):
