@@ -100,6 +100,7 @@ class _MergedLayer(nnx.Module):
   models and accounting read."""
 
   returns_aux = True
+  loss_names = ("load_balance", "z_loss")
   shared = None
   residual = None
   capacity_factor = 1.0

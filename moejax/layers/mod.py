@@ -87,6 +87,7 @@ class MoDBlock(nnx.Module):
   # The block always returns an aux (its predictor loss), so models count
   # it among the MoE blocks (update_routers pairs blocks and aux by this).
   is_moe = True
+  loss_names = ("mod_predictor",)
 
   @property
   def ffn(self):
