@@ -41,5 +41,6 @@ def test_family_config_builds(router):
   counts = models.count_params(model)
   assert 0 < counts["active"] <= counts["total"]
   assert models.flops_per_token(model, config.data.seq_len) > 0
+  assert "DecoderLM" in models.describe(model, seq_len=config.data.seq_len)
   if router == "top2_global":
     assert model.blocks[1].ffn.balance_scope == "global"
