@@ -21,6 +21,8 @@ Params. `apply_lora_experts(model, ...)` does both over module traversal
 replaced in its parent by a LoRAExpertsFFN around it.
 """
 
+import importlib
+
 from flax import nnx
 import jax
 import jax.numpy as jnp
@@ -145,22 +147,36 @@ def _is_dense_ffn(path, module):
   return isinstance(module, ffn_lib.DenseFFN)
 
 
+def _class_filter(dotted):
+  """(path, module) -> isinstance(module, the class at `dotted`)."""
+  module_name, _, attr = dotted.rpartition(".")
+  try:
+    cls = getattr(importlib.import_module(module_name), attr)
+  except (ImportError, AttributeError, ValueError):
+    raise validation.OptionError("select", dotted, f"select={dotted!r} is "
+                                 f"not an importable class path") from None
+  return lambda path, module: isinstance(module, cls)
+
+
 def apply_lora_experts(model, *, num_experts=4, rank=8, k=None, alpha=16.0,
-                       select=None, rngs):
+                       select=None, model_dim=None, rngs):
   """Freezes `model` and wraps its FFNs in routed LoRA experts, in place.
 
   Args:
     model: any nnx.Module (DecoderLM, ViTClassifier, a loaded pretrained
       model).
     num_experts, rank, k, alpha: LoRAExpertsFFN's.
-    select: (path, module) -> bool picking the FFN modules to wrap (default
-      DenseFFN instances). Each must map [..., M] -> [..., M] with M its
-      parent's width; M is read from the module's `model_dim`, or the first
-      axis of its `w_in_MH`.
+    select: (path, module) -> bool picking the FFN modules to wrap, or a
+      dotted class path (from a config: 'pkg.module.MLP'); default DenseFFN
+      instances. Each must map [..., M] -> [..., M].
+    model_dim: M; default the module's `model_dim`, or the first axis of
+      its `w_in_MH` (DenseFFN).
     rngs: nnx.Rngs for the adapters and routers.
   Returns:
     the model; its only nnx.Params are the adapters' and routers'.
   """
+  if isinstance(select, str):
+    select = _class_filter(select)
   select = select or _is_dense_ffn
   freeze(model)
   targets = []
@@ -176,7 +192,8 @@ def apply_lora_experts(model, *, num_experts=4, rank=8, k=None, alpha=16.0,
       parent = parent[key] if isinstance(key, int) else getattr(parent, key)
     base = (parent[path[-1]] if isinstance(path[-1], int)
             else getattr(parent, path[-1]))
-    width = getattr(base, "model_dim", None) or base.w_in_MH.shape[0]
+    width = (model_dim or getattr(base, "model_dim", None)
+             or base.w_in_MH.shape[0])
     wrapped = LoRAExpertsFFN(base, width, num_experts=num_experts, rank=rank,
                              k=k, alpha=alpha, rngs=rngs)
     if isinstance(path[-1], int):

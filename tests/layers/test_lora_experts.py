@@ -108,3 +108,14 @@ def test_nothing_selected_is_an_error():
     models.DecoderLM(32, 8, 2, 2, 16, moe_every=1,
                      moe={"experts": {"num_experts": 2}},
                      wrappers={"lora_experts": {}}, rngs=nnx.Rngs(0))
+
+
+def test_select_by_class_path_from_a_config():
+  model = models.DecoderLM(
+      32, 8, 2, 2, 16, wrappers={"lora_experts": {
+          "select": "moejax.layers.ffn.DenseFFN", "num_experts": 2}},
+      rngs=nnx.Rngs(0))
+  assert all(isinstance(b.ffn, le.LoRAExpertsFFN) for b in model.blocks)
+  with pytest.raises(L.MoEConfigError, match="select"):
+    models.DecoderLM(32, 8, 2, 2, 16, wrappers={"lora_experts": {
+        "select": "moejax.layers.ffn.NoSuchFFN"}}, rngs=nnx.Rngs(0))
