@@ -56,3 +56,24 @@ def test_top_p_p_small_is_top1():
   x = jax.random.normal(jax.random.key(2), (2, 8, M))
   np.testing.assert_allclose(layer(x)[0], tc(x)[0], rtol=1e-6, atol=1e-6)
   assert float(layer(x)[1].metrics.mean_k) == 1.0
+
+
+@pytest.mark.parametrize("router_cfg", [
+    {"name": "top_p", "p": 0.6}, {"name": "null_experts", "num_null": 3,
+                                   "k": 2}], ids=lambda c: c["name"])
+def test_dropless_under_expert_parallelism_equals_unsharded(router_cfg):
+  """Variable k through the padded all_to_all of shard_map expert
+  parallelism (8 devices: data 2 x expert 4; group-local routing)."""
+  from moejax.sharding import ExpertParallel, make_mesh
+  plain = _layer(router_cfg, L.DroplessEngine(tile=4))
+  sharded = nnx.clone(plain)
+  sharded.set_expert_parallel(
+      ExpertParallel(make_mesh({"data": 2, "expert": 4}), "shard_map"))
+  x = jax.random.normal(jax.random.key(4), (8, 8, M))
+  y0, aux0 = plain(x)
+  y1, aux1 = sharded(x)
+  np.testing.assert_allclose(y1, y0, rtol=2e-5, atol=2e-5)
+  for name in aux0.losses:
+    np.testing.assert_allclose(aux1.losses[name], aux0.losses[name],
+                               rtol=1e-5)
+  np.testing.assert_allclose(aux1.metrics.mean_k, aux0.metrics.mean_k)
