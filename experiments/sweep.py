@@ -72,10 +72,11 @@ CONFIG_ARG_SEP = ";"
 SUMMARY_COLUMNS = (
     "step", "eval_ce_loss", "eval_perplexity", "eval_accuracy",
     "train_ce_loss", "dropped_fraction", "max_over_mean_load",
-    "router_entropy", "tokens_per_sec", "train_time_s", "params_total",
-    "params_active", "flops_per_token")
+    "router_entropy", "mean_k", "tokens_per_sec", "train_time_s",
+    "params_total", "params_active", "flops_per_token")
 # Per-MoE-layer summary numbers; the results hold their mean over layers.
-LAYER_COLUMNS = ("dropped_fraction", "max_over_mean_load", "router_entropy")
+LAYER_COLUMNS = ("dropped_fraction", "max_over_mean_load", "router_entropy",
+                 "mean_k")
 
 
 class GridError(ValueError):
@@ -723,7 +724,8 @@ HEADERS = {
     "eval_ce_loss": "val loss", "eval_perplexity": "val ppl",
     "eval_accuracy": "val acc", "train_ce_loss": "train loss",
     "dropped_fraction": "dropped", "max_over_mean_load": "max/mean load",
-    "router_entropy": "router entropy", "tokens_per_sec": "tokens/s",
+    "router_entropy": "router entropy", "mean_k": "mean k",
+    "tokens_per_sec": "tokens/s",
     "train_time_s": "train s", "params_total": "params",
     "params_active": "active params", "flops_per_token": "FLOPs/token",
     CONFIG_ARG: "config arg",

@@ -35,6 +35,30 @@ Capacity: token choice routers train at capacity_factor 1.25 unless swept;
 the eval uses the same factor (eval_capacity_factor None), so drops count in
 the validation loss. `moe.engine.name=dropless` drops nothing.
 
+The survey's next families (issue 16; docs/router_study.md, second table),
+each the top-2 run (8 experts of width F/2, capacity factor 1.25) with one
+change, so every MoE layer stays near one width-F FFN per token:
+  top2_global   balance loss over the global batch (moe.balance_scope).
+  top_p         top-p routing, p = 0.4, at most 4 experts (dropless; its
+                active FLOPs follow its mean k, reported).
+  null_experts  AdaMoE: top-4 of 8 real + 8 null experts (dropless).
+  evomoe        EvoMoE dense-to-sparse gate, annealed over the first third
+                of training, then top-2 (dropless).
+  stablemoe     StableMoE: top-1 of width F, routing frozen to a distilled
+                token-id router at half of training.
+  lory          Lory: merged experts of width F per 16-token segment, routed
+                on the previous segment.
+  smear         SMEAR with per-token merging (causal; runs all 8 experts'
+                matmuls, so 8x the FFN FLOPs: not FLOP-matched).
+  mod           top2 with Mixture-of-Depths on blocks 1 and 3 (half of the
+                tokens; fewer FLOPs).
+  moa, switchhead  top2 with MoA / SwitchHead attention in every block
+                (experts computed densely: more attention FLOPs).
+  lora          the dense model with routed LoRA experts over its frozen
+                (random) FFNs: selectable, not a from-scratch comparison,
+                not in the grid.
+Sizes: `size=s500`, `s1000` are the study's model trained 500 / 1000 steps.
+
 ViT runs (8x8 digits, 16 tokens per image = one routing group, E=8, MoE in
 layers 1 and 3), each MoE layer 2 expert FFNs per token:
   vit_dense  no MoE (fewer FLOPs: one FFN per token).
@@ -51,6 +75,9 @@ from moejax.train import config as config_lib
 
 LM_ROUTERS = ("top1", "top2", "dense", "hash", "base", "deepseek",
               "expert_choice")
+FAMILY_ROUTERS = ("top2_global", "top_p", "null_experts", "evomoe",
+                  "stablemoe", "lory", "smear", "mod", "moa", "switchhead",
+                  "lora")
 VIT_ROUTERS = ("vit_top2", "vit_bpr", "vit_ec", "vit_soft", "vit_dense")
 
 # LM: model width, layers, heads, F (dense FFN width = active FFN width of
@@ -59,6 +86,8 @@ LM_SIZES = {
     #         M   layers heads F    E  seq  batch steps
     "study": (64, 4,     4,    128, 8, 128, 16,   250),
     "smoke": (32, 2,     2,    64,  4, 32,  8,    6),
+    "s500":  (64, 4,     4,    128, 8, 128, 16,   500),
+    "s1000": (64, 4,     4,    128, 8, 128, 16,   1000),
 }
 # ViT: model width, layers, heads, mlp, experts, batch, steps.
 VIT_SIZES = {
@@ -94,7 +123,7 @@ def _lm_config(router, size):
   c.num_cpu_devices = 0
   c.mesh.data, c.mesh.expert = -1, 1
   c.expert_parallel = ""
-  if size == "study":
+  if size != "smoke":
     c.eval_every = steps // 2
     c.checkpoint_every = steps // 2
     c.eval_steps = 16
@@ -106,6 +135,8 @@ def _lm_config(router, size):
   moe.shared.num_experts = 0
   if router == "dense":
     return c
+  if router in FAMILY_ROUTERS:
+    return _family_config(c, router, f, experts, seq_len, steps)
   # Top-1 token choice (Switch), experts of width F, raw probability.
   moe.router.k, moe.router.renormalize = 1, False
   moe.experts.hidden_dim = f
@@ -133,6 +164,66 @@ def _lm_config(router, size):
     c.aux_loss_weights.z_loss = 0.0
     c.aux_loss_weights.sequence_balance = 1e-4
   return c
+
+
+def _family_config(c, router, f, experts, seq_len, steps):
+  """One of FAMILY_ROUTERS: the top2 run with one change (docstring)."""
+  moe = c.moe
+  moe.router.k, moe.router.renormalize = 2, True
+  moe.experts.hidden_dim = f // 2
+  dropless = lambda: setattr(moe.engine, "name", "dropless")
+  if router == "top2_global":
+    moe.balance_scope = "global"
+  elif router == "top_p":
+    _set_router(moe, name="top_p", p=0.4, k=4)
+    dropless()
+    c.aux_loss_weights.dynamic_entropy = 1e-4      # the paper's weight
+  elif router == "null_experts":
+    _set_router(moe, name="null_experts", num_null=experts, k=4)
+    dropless()
+    # AdaMoE balances real and null experts together.
+    c.aux_loss_weights.load_balance = 0.0
+    c.aux_loss_weights.null_balance = 0.01
+  elif router == "evomoe":
+    _set_router(moe, name="dense_to_sparse", k=2,
+                anneal_steps=max(steps // 3, 1), start_temperature=2.0,
+                end_temperature=0.3, threshold=0.1)
+    dropless()
+  elif router == "stablemoe":
+    _set_router(moe, name="stable_moe", vocab_size=c.model.vocab_size,
+                stage1_steps=max(steps // 2, 1), distill_dim=16)
+    moe.experts.hidden_dim = f
+    c.aux_loss_weights.stable_distill = 1.0
+  elif router in ("lory", "smear"):
+    _clear(moe.router)
+    _clear(moe.engine)
+    _clear(moe.shared)
+    _clear(moe.residual)
+    for key in ("capacity_factor", "eval_capacity_factor", "allow_non_causal",
+                "group_size"):
+      moe[key] = None
+    moe.layer = router
+    moe.experts.hidden_dim = f
+    if router == "lory":
+      moe.segment_len = 16
+    else:
+      moe.granularity = "token"
+  elif router == "mod":
+    c.model.wrappers = {"mod": {"every": 2, "capacity_fraction": 0.5}}
+    c.aux_loss_weights.mod_predictor = 0.1
+  elif router in ("moa", "switchhead"):
+    c.model.wrappers = {router: {"num_experts": 4, "k": 2}}
+  elif router == "lora":
+    c.model.moe_every = 0
+    c.model.wrappers = {"lora_experts": {"num_experts": 4, "rank": 8,
+                                         "k": 2}}
+  del seq_len
+  return c
+
+
+def _clear(part):
+  for key in part:
+    part[key] = None
 
 
 def _set_router(moe, **options):
@@ -173,9 +264,13 @@ def _vit_config(router, size):
 def get_config(arg=None):
   """The config of one study run: arg 'router=<name>[,size=smoke]' (see
   the module docstring for the routers)."""
-  opts = config_lib.parse_arg(arg, router=LM_ROUTERS + VIT_ROUTERS,
-                              size=("study", "smoke"))
+  opts = config_lib.parse_arg(arg, router=LM_ROUTERS + FAMILY_ROUTERS
+                              + VIT_ROUTERS,
+                              size=("study", "smoke", "s500", "s1000"))
   if opts["router"] in VIT_ROUTERS:
+    if opts["size"] not in VIT_SIZES:
+      raise ValueError(f"size={opts['size']} is an LM size; the ViT runs "
+                       f"have sizes {sorted(VIT_SIZES)}")
     return _vit_config(opts["router"], opts["size"])
   return _lm_config(opts["router"], opts["size"])
 

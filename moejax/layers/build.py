@@ -29,9 +29,15 @@ import inspect
 
 import jax.numpy as jnp
 
+from moejax.layers import attention_experts
+from moejax.layers import dense_to_sparse
+from moejax.layers import dynamic_routers
 from moejax.layers import engines as engines_lib
 from moejax.layers import experts as experts_lib
 from moejax.layers import ffn as ffn_lib
+from moejax.layers import lora_experts
+from moejax.layers import merging
+from moejax.layers import mod as mod_lib
 from moejax.layers import moe as moe_lib
 from moejax.layers import routers as routers_lib
 from moejax.layers import soft_moe as soft_moe_lib
@@ -45,6 +51,10 @@ ROUTERS = {
     "balanced": routers_lib.BalancedRouter,
     "deepseek": routers_lib.DeepSeekRouter,
     "cosine": routers_lib.CosineRouter,
+    "top_p": dynamic_routers.TopPRouter,
+    "null_experts": dynamic_routers.NullExpertRouter,
+    "dense_to_sparse": dense_to_sparse.DenseToSparseRouter,
+    "stable_moe": dense_to_sparse.StableMoERouter,
 }
 ENGINES = {
     "einsum": engines_lib.EinsumEngine,
@@ -52,13 +62,26 @@ ENGINES = {
     "dropless": engines_lib.DroplessEngine,
     "pallas": engines_lib.PallasEngine,
 }
-LAYERS = ("moe", "soft_moe")
+# MoE layer kinds beyond moe/soft_moe: classes with from_config(config,
+# experts_cfg, ...) and CONFIG_KEYS (the config keys that are not their own
+# constructor options).
+LAYER_CLASSES = {"smear": merging.SMEARLayer, "lory": merging.LoryLayer}
+LAYERS = ("moe", "soft_moe") + tuple(LAYER_CLASSES)
+
+# Model wrappers (DecoderLM(wrappers={name: options})): functions
+# f(model, *, rngs, **options) that change a built model in place, applied
+# in this order.
+WRAPPERS = {"moa": attention_experts.apply_moa,
+            "switchhead": attention_experts.apply_switchhead,
+            "lora_experts": lora_experts.apply_lora_experts,
+            "mod": mod_lib.apply_mod}
 
 # Top-level keys of an MoE config, and those of each part.
 MOE_KEYS = ("layer", "router", "engine", "experts", "capacity_factor",
             "eval_capacity_factor", "capacity", "min_capacity",
             "capacity_multiple_of", "group_size", "pad_groups", "shared",
-            "residual", "output_bias", "allow_non_causal", "layers")
+            "residual", "output_bias", "allow_non_causal", "layers",
+            "balance_scope")
 SOFT_MOE_KEYS = ("layer", "experts", "slots_per_expert", "group_size",
                  "allow_non_causal", "layers")
 EXPERTS_KEYS = ("num_experts", "hidden_dim", "activation", "use_bias",
@@ -285,6 +308,11 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   if layer_kind not in LAYERS:
     raise MoEConfigError([("moe.layer", layer_kind,
                            f"allowed: {list(LAYERS)}")])
+  if layer_kind in LAYER_CLASSES:
+    return _build_layer_class(
+        LAYER_CLASSES[layer_kind], config, model_dim=model_dim, rngs=rngs,
+        dtype=dtype, param_dtype=param_dtype, causal=causal,
+        expert_defaults=expert_defaults)
   errors = _unknown_keys(config, MOE_KEYS if layer_kind == "moe"
                          else SOFT_MOE_KEYS, "moe.")
   experts_cfg = dict(expert_defaults or {})
@@ -408,8 +436,8 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
     raise MoEConfigError(errors)
   layer_kw = {k: config[k] for k in (
       "capacity_factor", "eval_capacity_factor", "capacity", "min_capacity",
-      "capacity_multiple_of", "group_size", "pad_groups", "output_bias")
-              if k in config}
+      "capacity_multiple_of", "group_size", "pad_groups", "output_bias",
+      "balance_scope") if k in config}
   layer = part("moe", config, lambda: moe_lib.MoELayer(
       router=router, experts=experts, engine=engine, shared=shared,
       residual=residual, expert_parallel=expert_parallel, **layer_kw))
@@ -428,11 +456,70 @@ def build_moe(config, *, model_dim, rngs, dtype=jnp.float32,
   return layer
 
 
+def _build_layer_class(cls, config, *, model_dim, rngs, dtype, param_dtype,
+                       causal, expert_defaults):
+  """A LAYER_CLASSES layer from its config (errors as MoEConfigError)."""
+  experts_cfg = dict(expert_defaults or {})
+  experts_cfg.update(_as_dict(config.get("experts")) or {})
+  errors = _unknown_keys(experts_cfg, EXPERTS_KEYS, "moe.experts.")
+  if "num_experts" not in experts_cfg:
+    errors.append(("moe.experts.num_experts", None,
+                   "missing; the number of experts E is needed"))
+  opts = {k: v for k, v in config.items() if k not in cls.CONFIG_KEYS}
+  errors += _untaken_options(
+      cls, opts, ("model_dim", "hidden_dim", "num_experts", "activation",
+                  "dtype", "param_dtype", "rngs"), "moe")
+  if errors:
+    raise MoEConfigError(errors)
+  try:
+    layer = cls.from_config(config, experts_cfg, model_dim=model_dim,
+                            rngs=rngs, dtype=dtype, param_dtype=param_dtype,
+                            causal=causal)
+  except OptionError as err:
+    raise MoEConfigError([(f"moe.{err.option}", err.value, str(err))]) from None
+  except (ValueError, TypeError) as err:
+    raise MoEConfigError([("moe", config.get("layer"), str(err))]) from None
+  if causal and not layer.causal and not config.get("allow_non_causal"):
+    raise MoEConfigError([("moe.layer", config.get("layer"), (
+        f"{cls.__name__} reads later tokens of its group in this setting; "
+        f"in a causal model use a causal option or set "
+        f"moe.allow_non_causal=True"))])
+  return layer
+
+
+def apply_wrappers(model, wrappers, *, rngs):
+  """Applies WRAPPERS to `model` in registry order: `wrappers` maps a name
+  (or a dotted path to a function) to its options. Errors are a
+  MoEConfigError on model.wrappers.<name>.<option>."""
+  wrappers = _as_dict(wrappers) or {}
+  names = [n for n in WRAPPERS if n in wrappers] + [
+      n for n in wrappers if n not in WRAPPERS]
+  for name in names:
+    field = f"model.wrappers.{name}"
+    try:
+      fn = resolve(name, WRAPPERS, "wrapper")
+      opts = _as_dict(wrappers[name]) or {}
+      params = inspect.signature(fn).parameters
+      bad = sorted(set(opts) - set(params) - {"rngs"})
+      if bad and not any(p.kind == inspect.Parameter.VAR_KEYWORD
+                         for p in params.values()):
+        raise MoEConfigError([(f"{field}.{b}", opts[b], (
+            f"{name} does not take option {b!r}; its options: "
+            f"{sorted(set(params) - {'model', 'rngs'})}")) for b in bad])
+      fn(model, rngs=rngs, **opts)
+    except MoEConfigError:
+      raise
+    except OptionError as err:
+      where = field if err.option == "name" else f"{field}.{err.option}"
+      raise MoEConfigError([(where, err.value, str(err))]) from None
+  return model
+
+
 def known_loss_names(layers=()):
   """Loss names an MoE layer can report: the layer's own, every registered
   router's `loss_names`, and those of the routers of `layers` (a user's
   router by dotted path declares its own)."""
-  names = set(moe_lib.BASE_LOSSES)
+  names = set(moe_lib.BASE_LOSSES) | {"mod_predictor"}
   routers = list(ROUTERS.values()) + [getattr(l, "router", None)
                                       for l in layers]
   for router in routers:
@@ -442,4 +529,5 @@ def known_loss_names(layers=()):
 
 def moe_layer_types():
   """The module classes that return (y, MoEAux)."""
-  return (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer)
+  return (moe_lib.MoELayer, soft_moe_lib.SoftMoELayer) + tuple(
+      LAYER_CLASSES.values())

@@ -24,12 +24,17 @@ from moejax.layers import params as params_lib
 from moejax.layers.routers import check_int
 from moejax.layers.routers import check_number
 from moejax.routing.validation import OptionError
+from moejax.routing import global_balance
 from moejax.ops.ffn import ExpertWeights
 from moejax.routing.plan import WEIGHTS_ON
 
 # Losses every MoELayer reports (the router adds its own).
 BASE_LOSSES = ("load_balance", "z_loss")
 RESIDUAL_MIXES = ("sum", "learned")
+# load_balance counted per group (Switch/GShard) or over the global batch
+# (Qwen's global-batch balance; routing/global_balance.py).
+BALANCE_SCOPES = {"group": routing.load_balancing_loss,
+                  "global": global_balance.global_load_balancing_loss}
 
 
 @flax.struct.dataclass
@@ -183,6 +188,9 @@ class MoELayer(nnx.Module):
       combined output, once per token whatever the routing (JetMoE's
       MoE bias; per-expert output biases are Experts(use_bias=True)).
     expert_parallel: a moejax.sharding.ExpertParallel, or None.
+    balance_scope: 'group' (load_balance per group, averaged) or 'global'
+      (f and P counted over every group of the batch; see
+      routing/global_balance.py).
 
   A router with weights_on='input' (Llama-4) has its K = 1 weights applied
   to the expert input (routing.weights_on_input), with every engine.
@@ -192,7 +200,11 @@ class MoELayer(nnx.Module):
                eval_capacity_factor=None, capacity=None, min_capacity=1,
                capacity_multiple_of=1, group_size=None, pad_groups=True,
                shared=None, residual=None, output_bias=False,
-               expert_parallel=None):
+               expert_parallel=None, balance_scope="group"):
+    if balance_scope not in BALANCE_SCOPES:
+      raise OptionError("balance_scope", balance_scope, f"allowed: "
+                        f"{sorted(BALANCE_SCOPES)}")
+    self.balance_scope = balance_scope
     for name in ("num_experts", "k"):
       if not isinstance(getattr(router, name, None), int):
         raise ValueError(f"router {type(router).__name__} has no integer "
@@ -378,6 +390,9 @@ class MoELayer(nnx.Module):
 
     base = routing.plan_losses(plan, out.logits_GSE)
     losses = {"load_balance": base.load_balance, "z_loss": base.z_loss}
+    if self.balance_scope != "group" and plan.has_token_view:
+      losses["load_balance"] = BALANCE_SCOPES[self.balance_scope](
+          plan.probs_GSE, plan.expert_GSK, plan.padding_mask_GS)
     clash = sorted(set(losses) & set(out.losses))
     if clash:
       raise ValueError(f"router {type(self.router).__name__} returns losses "

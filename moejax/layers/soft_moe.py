@@ -38,7 +38,8 @@ def soft_moe_metrics(dispatch_GSEP, combine_GSEP, mask_GS):
       max_over_mean_load=e * jnp.max(load_E),
       effective_capacity_factor=jnp.ones((), jnp.float32),
       coverage_3=jnp.array([0.0, 0.0, 1.0], jnp.float32) if e > 1 else
-      jnp.array([0.0, 1.0, 0.0], jnp.float32))
+      jnp.array([0.0, 1.0, 0.0], jnp.float32),
+      mean_k=jnp.float32(e))  # every token reaches every expert's slots
 
 
 class SoftMoELayer(nnx.Module):

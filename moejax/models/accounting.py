@@ -197,10 +197,13 @@ def _moe_summary(model):
     desc = (f"Soft MoE E={layer.num_experts} slots/expert="
             f"{layer.slots_per_expert} H={layer.experts.hidden_dim}")
   else:
+    # Layers without an engine (merged experts) name their class instead.
+    engine = getattr(layer, "engine", None)
     desc = (f"router={type(layer.router).__name__} k={layer.router.k} "
-            f"E={layer.num_experts} H={layer.experts.hidden_dim} "
-            f"engine={type(layer.engine).__name__}")
-    if layer.engine.uses_capacity:
+            f"E={layer.num_experts} H={layer.experts.hidden_dim} " +
+            (f"engine={type(engine).__name__}" if engine is not None
+             else f"layer={type(layer).__name__}"))
+    if engine is not None and engine.uses_capacity:
       desc += f" capacity_factor={layer.capacity_factor}"
     if layer.shared is not None:
       desc += f" shared_width={_ffn_width(layer.shared)}"

@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt
+from moejax.layers import build as build_lib
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
 from moejax.models import common
@@ -76,6 +77,9 @@ class DecoderLM(nnx.Module):
       common.REMAT_POLICIES ('none', 'full', 'save_dots',
       'save_moe_outputs': recompute everything but the MoE halves of the
       MoE blocks, 'offload').
+    wrappers: {name: options} of moejax.layers.build.WRAPPERS applied to
+      the built model (Mixture-of-Depths 'mod', 'attention_experts',
+      'lora_experts'), or None; not with scan_layers.
     dtype, param_dtype: compute and parameter dtypes; logits are float32
       (bfloat16 compute with float32 master weights: dtype=jnp.bfloat16,
       param_dtype=jnp.float32; routers and norms compute in float32).
@@ -88,7 +92,8 @@ class DecoderLM(nnx.Module):
                moe_every=0, moe_layers=None, moe=None, head_dim=None, activation="swiglu",
                tie_embeddings=True, rope_max_wavelength=10_000.0,
                norm_eps=1e-6, scan_layers=False, remat="none",
-               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+               dtype=jnp.float32, param_dtype=jnp.float32, wrappers=None,
+               rngs):
     for name, value in (("vocab_size", vocab_size), ("model_dim", model_dim),
                         ("num_layers", num_layers), ("num_heads", num_heads),
                         ("mlp_dim", mlp_dim)):
@@ -162,6 +167,13 @@ class DecoderLM(nnx.Module):
         rngs, nnx.initializers.variance_scaling(1.0, "fan_in",
                                                 "truncated_normal"),
         (model_dim, vocab_size), (nt.EMBED, nt.VOCAB), param_dtype))
+    if wrappers:
+      if scan_layers:
+        # The wrappers replace blocks[i] / block.attention one by one; a
+        # scanned stack has one block per period position.
+        raise ValueError(f"wrappers {sorted(wrappers)} apply to unrolled "
+                         f"blocks; use scan_layers=False")
+      build_lib.apply_wrappers(self, wrappers, rngs=rngs)
 
   def init_cache(self, batch, max_length):
     """An empty KV cache for decoding `batch` rows of up to `max_length`

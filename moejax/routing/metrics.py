@@ -52,6 +52,10 @@ class RoutingMetrics:
     coverage_3: <float32>[3] fraction of real tokens processed by 0, 1 and 2
       or more experts (from the slot view when the plan has one, else from
       the token view); sums to 1 when there is a real token.
+    mean_k: <float32>[] mean over real tokens of the experts that process
+      the token (kept assignments; from the slot view when there is one).
+      k for top-k without drops; the mean k of dynamic-k routers (top-p,
+      null experts).
   """
   expert_load_E: jax.Array
   dropped_fraction: jax.Array
@@ -59,6 +63,7 @@ class RoutingMetrics:
   max_over_mean_load: jax.Array
   effective_capacity_factor: jax.Array
   coverage_3: jax.Array
+  mean_k: jax.Array
 
 
 def _safe_div(num, den):
@@ -187,4 +192,6 @@ def routing_metrics(plan):
       max_over_mean_load=max_over_mean_load,
       effective_capacity_factor=jnp.asarray(effective_capacity_factor,
                                             jnp.float32),
-      coverage_3=coverage_3.astype(jnp.float32))
+      coverage_3=coverage_3.astype(jnp.float32),
+      mean_k=_safe_div(jnp.sum(jnp.where(mask_GS, per_token_GS, 0.0)),
+                       num_tokens).astype(jnp.float32))

@@ -499,6 +499,10 @@ def _flatten_metrics(metrics, moe_layer_ids, prefix):
   return out
 
 
+def _mean_or_none(values):
+  return float(np.mean(values)) if values else None
+
+
 def _layer_table(window, moe_layer_ids, prefix="train/"):
   """Per-layer rows averaged over `window` (a list of flat metric dicts)."""
   rows = []
@@ -512,7 +516,9 @@ def _layer_table(window, moe_layer_ids, prefix="train/"):
         router_entropy=float(np.mean(
             [m[base + "router_entropy"] for m in window])),
         max_over_mean_load=float(np.mean(
-            [m[base + "max_over_mean_load"] for m in window]))))
+            [m[base + "max_over_mean_load"] for m in window])),
+        mean_k=_mean_or_none([m[base + "mean_k"] for m in window
+                              if base + "mean_k" in m])))
   return rows
 
 

@@ -143,6 +143,7 @@ def _aux_metrics(aux):
       "moe/dropped_fraction": m.dropped_fraction,       # [layers]
       "moe/router_entropy": m.router_entropy,           # [layers]
       "moe/max_over_mean_load": m.max_over_mean_load,   # [layers]
+      "moe/mean_k": m.mean_k,                           # [layers]
   })
   return out
 

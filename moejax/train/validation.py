@@ -269,7 +269,8 @@ def _reported_losses(layer):
   """The aux loss names an MoE layer reports: the layer's load_balance and
   z_loss plus its router's loss_names; Soft MoE reports none."""
   if not isinstance(layer, moe_lib.MoELayer):
-    return ()
+    # Other layers and block wrappers (Lory, SMEAR, MoD) declare theirs.
+    return tuple(getattr(layer, "loss_names", ()))
   return (*moe_lib.BASE_LOSSES, *getattr(layer.router, "loss_names", ()))
 
 
@@ -777,7 +778,8 @@ def validate_config(config, *, num_devices=None, process_count=None):
   moe_layers = [] if model is None else [
       blk.ffn for blk in getattr(model, "blocks", ()) if blk.is_moe]
   _check_aux_weights(config, p, moe_layers)
-  _check_reported(config, p, moe_layers)
+  _check_reported(config, p, moe_layers + [
+      blk for blk in getattr(model, "blocks", ()) if hasattr(blk, "loss_names")])
   if num_devices is None:
     num_devices = jax.device_count()
   if process_count is None:
