@@ -37,10 +37,9 @@ def check_decodable(model):
           f"group in view (later tokens included), so it cannot route one "
           f"new token at a time; decode a model with a token-choice router "
           f"(token_choice, deepseek, hash, ...)")
-  for name in ("init_cache",):
-    if not callable(getattr(model, name, None)):
-      raise ValueError(f"{type(model).__name__} has no {name}(); it cannot "
-                       f"decode with a KV cache")
+  if not callable(getattr(model, "init_cache", None)):
+    raise ValueError(f"{type(model).__name__} has no init_cache(); it cannot "
+                     f"decode with a KV cache")
 
 
 def prompt_positions(padding_mask_BL):

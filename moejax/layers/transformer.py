@@ -318,10 +318,12 @@ class TransformerBlock(nnx.Module):
     """The attention half: x + attention(norm(x)), <dtype>[B, L, M]; with a
     LayerCache, (that, the cache with the new keys)."""
     x_BLM = x_BLM.astype(self.dtype)
+    # Only decoding passes a cache: an attention that cannot decode (a
+    # wrapper's, e.g. MoA) still trains.
+    decode = {} if cache is None else {"cache": cache}
     h_BLM = self.attention(
         self.attention_norm(x_BLM), padding_mask_BL=padding_mask_BL,
-        segment_ids_BL=segment_ids_BL, positions_BL=positions_BL,
-        cache=cache)
+        segment_ids_BL=segment_ids_BL, positions_BL=positions_BL, **decode)
     if cache is None:
       return x_BLM + h_BLM
     h_BLM, cache = h_BLM
