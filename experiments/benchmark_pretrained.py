@@ -120,7 +120,6 @@ def child_load(path):
 
 
 def child_forward(path, batch, length, iters):
-  import jax  # pylint: disable=g-import-not-at-top
   from flax import nnx  # pylint: disable=g-import-not-at-top
   from moejax.models import from_pretrained  # pylint: disable=g-import-not-at-top
   model = from_pretrained(path)

@@ -261,7 +261,6 @@ def _config_arg(argv):
 def _unknown_field_line(argv):
   """The first `--config.<path>` of argv that names no field of the config
   file's config: one line with a close match; None if every path exists."""
-  import difflib  # pylint: disable=g-import-not-at-top
   from ml_collections import config_dict  # pylint: disable=g-import-not-at-top
   try:
     # The --config flag's own parser (ml_collections' ConfigFileFlagParser):

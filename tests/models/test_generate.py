@@ -10,7 +10,6 @@ import json
 import os
 
 from flax import nnx
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest

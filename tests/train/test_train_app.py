@@ -18,7 +18,6 @@ import orbax.checkpoint as ocp
 import pytest
 
 from moejax.train import writers
-from moejax.train import writers
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(__file__)))
 SMOKE = [
