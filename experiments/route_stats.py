@@ -112,18 +112,24 @@ def plot(stats, out_dir, *, title, dpi):
   y, e = load_YE.shape
   paths = []
 
-  fig, ax = plt.subplots(figsize=(max(5, 0.35 * e + 2.5),
-                                  max(2.5, 0.4 * y + 1.5)))
-  im = ax.imshow(load_YE, aspect="auto", cmap="viridis", vmin=0)
-  _ticks(ax, e, y)
-  ax.set_xlabel("expert")
-  ax.set_ylabel("MoE layer")
-  ax.set_title(f"{title}: expert load (uniform = {1 / e:.3f})")
-  fig.colorbar(im, ax=ax, label="fraction of assignments")
-  fig.tight_layout()
-  paths.append(os.path.join(out_dir, "load.png"))
-  fig.savefig(paths[-1], dpi=dpi)
-  plt.close(fig)
+  def layers_by_experts(values_YE, name, title_text, label, **imshow):
+    """One [layers, experts] heatmap, saved as <out_dir>/<name>."""
+    fig, ax = plt.subplots(figsize=(max(5, 0.35 * e + 2.5),
+                                    max(2.5, 0.4 * y + 1.5)))
+    im = ax.imshow(values_YE, aspect="auto", **imshow)
+    _ticks(ax, e, y)
+    ax.set_xlabel("expert")
+    ax.set_ylabel("MoE layer")
+    ax.set_title(f"{title}: {title_text}")
+    fig.colorbar(im, ax=ax, label=label)
+    fig.tight_layout()
+    paths.append(os.path.join(out_dir, name))
+    fig.savefig(paths[-1], dpi=dpi)
+    plt.close(fig)
+
+  layers_by_experts(load_YE, "load.png",
+                    f"expert load (uniform = {1 / e:.3f})",
+                    "fraction of assignments", cmap="viridis", vmin=0)
 
   cols = min(y, 4)
   rows = math.ceil(y / cols)
@@ -155,19 +161,10 @@ def plot(stats, out_dir, *, title, dpi):
     diff_YE = np.stack([s["continuation_load_E"] - s["prompt_load_E"]
                         for s in stats])
     bound = float(np.abs(diff_YE).max()) or 1.0
-    fig, ax = plt.subplots(figsize=(max(5, 0.35 * e + 2.5),
-                                    max(2.5, 0.4 * y + 1.5)))
-    im = ax.imshow(diff_YE, aspect="auto", cmap="coolwarm", vmin=-bound,
-                   vmax=bound)
-    _ticks(ax, e, y)
-    ax.set_xlabel("expert")
-    ax.set_ylabel("MoE layer")
-    ax.set_title(f"{title}: load on continuation minus load on prompt")
-    fig.colorbar(im, ax=ax, label="difference in load fraction")
-    fig.tight_layout()
-    paths.append(os.path.join(out_dir, "shift.png"))
-    fig.savefig(paths[-1], dpi=dpi)
-    plt.close(fig)
+    layers_by_experts(diff_YE, "shift.png",
+                      "load on continuation minus load on prompt",
+                      "difference in load fraction", cmap="coolwarm",
+                      vmin=-bound, vmax=bound)
   return paths
 
 
