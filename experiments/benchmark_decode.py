@@ -84,26 +84,13 @@ def bench_vs_torch(path):
              f"--new={n}"]
   torch_cmd = [_TORCH_PYTHON.value, "-c", TORCH_CHILD, path, str(b), str(l),
                str(n)]
-  ratios, jax_tps, torch_tps, loads = [], [], [], []
-  for r in range(_ROUNDS.value):
-    order = [("jax", jax_cmd), ("torch", torch_cmd)]
-    if r % 2:
-      order.reverse()
-    got = {name: bp._run(cmd) for name, cmd in order}  # pylint: disable=protected-access
-    loads.append(float(open("/proc/loadavg").read().split()[0]))
-    jt = b * n / got["jax"]["seconds"]
-    tt = b * n / got["torch"]["seconds"]
-    jax_tps.append(jt)
-    torch_tps.append(tt)
-    ratios.append(jt / tt)
-  spread = bp._spread  # pylint: disable=protected-access
-  return {"batch": b, "prompt": l, "new": n,
-          "moejax_tokens_per_s": spread(jax_tps),
-          "torch_tokens_per_s": spread(torch_tps),
-          "moejax_ms_per_token": spread([1e3 * b / t for t in jax_tps]),
-          "torch_ms_per_token": spread([1e3 * b / t for t in torch_tps]),
-          "ratio_moejax_over_torch": spread(ratios),
-          "loadavg_1min": spread(loads)}
+  rounds = bp.interleaved_rounds(jax_cmd, torch_cmd, b * n, _ROUNDS.value)
+  # Per-token latency: the fastest round has the smallest latency.
+  ms = lambda tps: {"median": 1e3 * b / tps["median"],
+                    "min": 1e3 * b / tps["max"], "max": 1e3 * b / tps["min"]}
+  return {"batch": b, "prompt": l, "new": n, **rounds,
+          "moejax_ms_per_token": ms(rounds["moejax_tokens_per_s"]),
+          "torch_ms_per_token": ms(rounds["torch_tokens_per_s"])}
 
 
 def bench_flat_steps(path):

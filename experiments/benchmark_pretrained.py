@@ -191,19 +191,26 @@ def bench_forward(tmp):
              f"--iters={it}"]
   torch_cmd = [_TORCH_PYTHON.value, "-c", TORCH_CHILD, path, str(b), str(l),
                str(it)]
+  return {"batch": b, "length": l, "iters": it,
+          **interleaved_rounds(jax_cmd, torch_cmd, b * l, _ROUNDS.value)}
+
+
+def interleaved_rounds(jax_cmd, torch_cmd, tokens, rounds):
+  """Runs one moejax and one torch child per round, alternating which goes
+  first; each prints {"seconds": ...} for `tokens` tokens. Returns the
+  tokens/s of each side, their per-round ratio and the 1-min load average,
+  each as {median, min, max}."""
   ratios, jax_tps, torch_tps, loads = [], [], [], []
-  for r in range(_ROUNDS.value):
+  for r in range(rounds):
     order = [("jax", jax_cmd), ("torch", torch_cmd)]
     if r % 2:
       order.reverse()
     got = {name: _run(cmd) for name, cmd in order}
     loads.append(float(open("/proc/loadavg").read().split()[0]))
-    jt, tt = b * l / got["jax"]["seconds"], b * l / got["torch"]["seconds"]
-    jax_tps.append(jt)
-    torch_tps.append(tt)
-    ratios.append(jt / tt)
-  return {"batch": b, "length": l, "iters": it,
-          "moejax_tokens_per_s": _spread(jax_tps),
+    jax_tps.append(tokens / got["jax"]["seconds"])
+    torch_tps.append(tokens / got["torch"]["seconds"])
+    ratios.append(jax_tps[-1] / torch_tps[-1])
+  return {"moejax_tokens_per_s": _spread(jax_tps),
           "torch_tokens_per_s": _spread(torch_tps),
           "ratio_moejax_over_torch": _spread(ratios),
           "loadavg_1min": _spread(loads)}
