@@ -3,6 +3,8 @@ r"""Figures and a results table from training workdirs (matplotlib, no display).
   python -m experiments.report --sweep_dir=workdirs/router_study \
       --out_dir=docs/figures/router_study
   python -m experiments.report --workdirs=workdirs/a,workdirs/b --out_dir=out
+  python -m experiments.report --sweep_dir=workdirs/s0,workdirs/s1 \
+      --baseline='router=top2,size=s500' --out_dir=out
 
 Inputs: a sweep directory (its sweep.json lists the runs and their
 overrides; experiments/sweep.py writes it) and/or workdirs given directly.
@@ -25,6 +27,10 @@ panel:
                         divided by ln E; ln(E*P) for Soft MoE's slots), one
                         panel per task
   results.md, results.csv  one row per run (as experiments/sweep.py)
+  seeds.md, paired.png  with --baseline=<config arg>: each configuration's
+                        mean ± sd over seeds, its paired difference from
+                        the baseline per seed and whether it exceeds the
+                        seed spread (experiments/seed_stats.py)
 
 --runs=REGEX keeps the runs whose name matches; --load_runs=REGEX picks the
 rows of expert_load.png. Needs matplotlib (the
@@ -41,10 +47,11 @@ from absl import app
 from absl import flags
 from absl import logging
 
+from experiments import seed_stats
 from experiments import sweep as sweep_lib
 
-_SWEEP_DIR = flags.DEFINE_string(
-    "sweep_dir", None, "A sweep directory (with sweep.json).")
+_SWEEP_DIR = flags.DEFINE_list(
+    "sweep_dir", [], "Sweep directories (with sweep.json; comma-separated).")
 _WORKDIRS = flags.DEFINE_list(
     "workdirs", [], "Training workdirs (comma-separated), besides the "
     "sweep's runs.")
@@ -56,6 +63,10 @@ _RUNS = flags.DEFINE_string(
 _LOAD_RUNS = flags.DEFINE_string(
     "load_runs", None, "Regex: the runs drawn in expert_load.png (default: "
     "every MoE run kept by --runs).")
+_BASELINE = flags.DEFINE_string(
+    "baseline", None, "A config arg (e.g. 'router=top2,size=s500'): also "
+    "write seeds.md and paired.png, every configuration's mean over seeds "
+    "and its paired difference from this one (experiments/seed_stats.py).")
 _DPI = flags.DEFINE_integer("dpi", 100, "PNG resolution (at 100, 10 pt "
                             "text is ~14 px).", lower_bound=20)
 
@@ -538,10 +549,12 @@ def write_tables(runs, out_dir):
   return rows
 
 
-def make_report(runs, out_dir, dpi=100, load_runs=None):
+def make_report(runs, out_dir, dpi=100, load_runs=None, baseline=None):
   """Writes every figure and the tables; returns the paths written.
 
   load_runs: a regex choosing the runs of expert_load.png (None: all).
+  baseline: a config arg; also writes seeds.md and paired.png (seed
+    repeats paired against it, experiments/seed_stats.py).
   """
   if not runs:
     raise ValueError("no runs with metrics to report")
@@ -563,9 +576,18 @@ def make_report(runs, out_dir, dpi=100, load_runs=None):
     path = fn(chosen, os.path.join(out_dir, name), dpi)
     if path:
       written.append(path)
-  write_tables(runs, out_dir)
+  rows = write_tables(runs, out_dir)
   written += [os.path.join(out_dir, "results.csv"),
               os.path.join(out_dir, "results.md")]
+  if baseline:
+    groups = seed_stats.pair_with(seed_stats.group_by_seed(rows), baseline)
+    with open(os.path.join(out_dir, "seeds.md"), "w") as f:
+      f.write(seed_stats.markdown(groups, baseline))
+    written.append(os.path.join(out_dir, "seeds.md"))
+    path = seed_stats.plot_paired(groups, baseline,
+                                  os.path.join(out_dir, "paired.png"), dpi)
+    if path:
+      written.append(path)
   return written
 
 
@@ -575,9 +597,14 @@ def main(argv):
   if not _SWEEP_DIR.value and not _WORKDIRS.value:
     raise app.UsageError("give --sweep_dir and/or --workdirs")
   logging.set_verbosity(logging.WARNING)
-  out_dir = _OUT_DIR.value or os.path.join(_SWEEP_DIR.value or ".", "report")
-  runs = load_runs(_SWEEP_DIR.value, _WORKDIRS.value, _RUNS.value)
-  for path in make_report(runs, out_dir, _DPI.value, _LOAD_RUNS.value):
+  out_dir = _OUT_DIR.value or os.path.join(
+      _SWEEP_DIR.value[0] if _SWEEP_DIR.value else ".", "report")
+  runs = []
+  for i, sweep_dir in enumerate(_SWEEP_DIR.value or [None]):
+    runs += load_runs(sweep_dir, _WORKDIRS.value if i == 0 else (),
+                      _RUNS.value)
+  for path in make_report(runs, out_dir, _DPI.value, _LOAD_RUNS.value,
+                          _BASELINE.value):
     print(path)
 
 
