@@ -177,6 +177,52 @@ def _fused_halves(p, hf):
                split, fuse)
 
 
+def jetmoe_attention(p, hf, num_kv_heads, head_dim):
+  """Entries of transformers' JetMoeAttention (prefix hf) <-> MoAAttention
+  (path p, num_kv_heads=K, output_bias=True); an empty prefix or path means
+  the block itself.
+
+  experts.input_linear [E, K*D, M] -> w_q_EMKD [E, M, K, D];
+  experts.output_linear [E, M, K*D] -> w_o_EKDM [E, K, D, M];
+  kv_proj [2*K*D, M] (key rows, then value rows) -> w_k_MKD, w_v_MKD
+  [M, K, D]; experts.router.layer [E, M] -> w_gate_ME; experts.bias ->
+  b_out_M. Within K*D the key/value head is the slower axis.
+  """
+  k, d = num_kv_heads, head_dim
+  at = lambda prefix, name: f"{prefix}.{name}" if prefix else name
+
+  def q_to_jax(a):
+    e, _, m = a[0].shape
+    return [np.ascontiguousarray(np.swapaxes(a[0], 1, 2)).reshape(e, m, k, d)]
+
+  def o_to_jax(a):
+    e, m, _ = a[0].shape
+    return [np.ascontiguousarray(np.swapaxes(a[0], 1, 2)).reshape(e, k, d, m)]
+
+  def kv_to_jax(a):
+    m = a[0].shape[1]
+    w_MF = a[0].T
+    return [np.ascontiguousarray(w_MF[:, :k * d]).reshape(m, k, d),
+            np.ascontiguousarray(w_MF[:, k * d:]).reshape(m, k, d)]
+
+  def kv_to_hf(a):
+    m = a[0].shape[0]
+    return [np.ascontiguousarray(np.concatenate(
+        [a[0].reshape(m, -1), a[1].reshape(m, -1)], axis=1).T)]
+
+  return [
+      _router(at(p, "w_gate_ME"), at(hf, "experts.router.layer.weight")),
+      Entry([at(p, "w_q_EMKD")], [at(hf, "experts.input_linear.weight")],
+            q_to_jax, lambda a: [np.ascontiguousarray(np.swapaxes(
+                a[0].reshape(a[0].shape[:2] + (-1,)), 1, 2))]),
+      Entry([at(p, "w_o_EKDM")], [at(hf, "experts.output_linear.weight")],
+            o_to_jax, lambda a: [np.ascontiguousarray(np.swapaxes(
+                a[0].reshape((a[0].shape[0], -1, a[0].shape[-1])), 1, 2))]),
+      Entry([at(p, "w_k_MKD"), at(p, "w_v_MKD")], [at(hf, "kv_proj.weight")],
+            kv_to_jax, kv_to_hf),
+      _same(at(p, "b_out_M"), at(hf, "experts.bias"))]
+
+
 def _moe(spec, p, hf):
   e = spec.num_experts
   t = spec.model_type
