@@ -234,6 +234,10 @@ def _moe(spec, p, hf):
     hf = hf.replace(".mlp", ".block_sparse_moe")
     return [_router(f"{p}.router.w_router_ME", f"{hf}.router.layer.weight"),
             _fused_halves(f"{p}.experts", hf)]
+  if t == "jetmoe":
+    return [_router(f"{p}.router.w_router_ME", f"{hf}.router.layer.weight"),
+            _fused_halves(f"{p}.experts", hf),
+            _same(f"{p}.b_out_M", f"{hf}.bias")]
   if t == "gpt_oss":
     return [_router(f"{p}.router.w_router_ME", f"{hf}.router.weight"),
             _same(f"{p}.router.b_router_E", f"{hf}.router.bias"),
@@ -256,19 +260,29 @@ def _moe(spec, p, hf):
   return out
 
 
+def _moa(p, hf, att):
+  """JetMoE's attention (module self_attention) <-> MoAttention.moa."""
+  return jetmoe_attention(f"{p}.moa",
+                          hf.replace(".self_attn", ".self_attention"),
+                          att.num_kv_heads, att.head_dim)
+
+
+_ATTENTION = {"gqa": _gqa, "mla": _mla, "moa": _moa}
+
+
 def tensor_map(spec):
   """All Entry objects of a ModelSpec's model, embeddings first."""
   out = [_same("embed_VM", "model.embed_tokens.weight"),
          _same("final_norm.scale_M", "model.norm.weight")]
   if not spec.tie_embeddings:
     out.append(_router("w_unembed_MV", "lm_head.weight"))
-  attn = _gqa if spec.attention.form == "gqa" else _mla
+  att = spec.attention
   for i in range(spec.num_layers):
     p, hf = f"blocks.{i}", f"model.layers.{i}"
     out += [_same(f"{p}.input_norm.scale_M", f"{hf}.input_layernorm.weight"),
             _same(f"{p}.post_attention_norm.scale_M",
                   f"{hf}.post_attention_layernorm.weight")]
-    out += attn(f"{p}.attention", f"{hf}.self_attn", spec.attention)
+    out += _ATTENTION[att.form](f"{p}.attention", f"{hf}.self_attn", att)
     if spec.ffn_kinds[i] == "moe":
       out += _moe(spec, f"{p}.ffn", f"{hf}.mlp")
     else:
