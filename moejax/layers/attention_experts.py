@@ -21,14 +21,18 @@ experts are computed densely and masked (E query projections / E value and
 output projections per token), which is exact and simple; the FLOP savings
 of the papers need a gather-based kernel. They report no auxiliary loss
 (SwitchHead trains without one; MoA's balance loss would need the block to
-return the attention's aux). JetMoE's attention is the SwitchHead/MoA family;
-loading its checkpoints is the pretrained-models issue's.
+return the attention's aux; MoAAttention.router_logits gives its logits).
+
+JetMoE's attention block (Shen et al. 2024) is MoA with K shared key/value
+heads (num_kv_heads=K: each expert has K query heads and a [K, D, M] output
+projection), RoPE, top-k softmax gates and an output bias
+(output_bias=True); moejax.models.hf.jetmoe.load_jetmoe_attention loads
+transformers' JetMoeAttention into it and tests/layers/test_hf_blocks.py
+matches its outputs.
 
 `apply_moa(model, ...)`, `apply_switchhead(model, ...)` replace the attention
 of a model's blocks in place (DecoderLM(wrappers={'moa': {...}})).
 """
-
-from typing import Optional
 
 from flax import nnx
 import jax
@@ -100,42 +104,92 @@ def _init(rngs, shape, names, param_dtype, in_axis, out_axis):
 
 class MoAAttention(_RoutedAttention):
   """Mixture of attention heads (MoA): routed query/output projections over
-  one shared key/value head.
+  shared keys and values.
 
   Args:
     model_dim: M.
     num_experts: E head experts.
     k: heads per token.
     head_dim: D.
+    num_kv_heads: None (the paper: one shared key/value head, each expert
+      one query head) or K >= 1 shared key/value heads, each expert then
+      having K query heads (head j of an expert attends key/value head j) and
+      a [K, D, M] output projection: JetMoE's layout.
+    output_bias: adds a learned b_out_M [M] to every token's output
+      (JetMoE); False keeps the paper's block.
     causal, rope_max_wavelength, dtype, param_dtype, rngs: as
       MultiHeadAttention.
-  Parameters: w_gate_ME [M, E] (float32); w_q_EMD [E, M, D]; w_o_EDM
-    [E, D, M]; w_k_MD, w_v_MD [M, D].
-  num_heads is E (every head is computed; accounting reads it).
+  Parameters: w_gate_ME [M, E] (float32); with num_kv_heads=None w_q_EMD
+    [E, M, D], w_o_EDM [E, D, M], w_k_MD, w_v_MD [M, D]; with num_kv_heads=K
+    w_q_EMKD [E, M, K, D], w_o_EKDM [E, K, D, M], w_k_MKD, w_v_MKD [M, K, D];
+    b_out_M [M] if output_bias.
+  num_heads is E * K (every head is computed; accounting reads it).
   """
 
   def __init__(self, model_dim, *, num_experts=8, k=2, head_dim=16,
-               causal=True, rope_max_wavelength=10_000.0, dtype=jnp.float32,
+               num_kv_heads=None, output_bias=False, causal=True,
+               rope_max_wavelength=10_000.0, dtype=jnp.float32,
                param_dtype=jnp.float32, rngs):
     self._init_common(model_dim, num_experts, k, head_dim, causal,
                       rope_max_wavelength, dtype)
-    self.num_heads = num_experts
+    if num_kv_heads is not None:
+      validation.check_int("num_kv_heads", num_kv_heads, 1)
+    if not isinstance(output_bias, bool):
+      raise validation.OptionError(
+          "output_bias", output_bias,
+          f"output_bias must be True or False, got {output_bias!r}")
+    self.num_kv_heads, self.output_bias = num_kv_heads, output_bias
+    kv = num_kv_heads or 1
+    self.num_heads = num_experts * kv
     m, e, d = model_dim, num_experts, head_dim
     self.w_gate_ME = params_lib.param(
         rngs, nnx.initializers.variance_scaling(0.1, "fan_in",
                                                 "truncated_normal"),
         (m, e), (nt.EMBED, nt.EXPERT), jnp.float32)
-    self.w_q_EMD = _init(rngs, (e, m, d), (nt.EXPERT, nt.EMBED, None),
-                         param_dtype, 1, 2)
-    self.w_o_EDM = _init(rngs, (e, d, m), (nt.EXPERT, None, nt.EMBED),
-                         param_dtype, 1, 2)
-    self.w_k_MD = _init(rngs, (m, d), (nt.EMBED, None), param_dtype, 0, 1)
-    self.w_v_MD = _init(rngs, (m, d), (nt.EMBED, None), param_dtype, 0, 1)
+    if num_kv_heads is None:
+      self.w_q_EMD = _init(rngs, (e, m, d), (nt.EXPERT, nt.EMBED, None),
+                           param_dtype, 1, 2)
+      self.w_o_EDM = _init(rngs, (e, d, m), (nt.EXPERT, None, nt.EMBED),
+                           param_dtype, 1, 2)
+      self.w_k_MD = _init(rngs, (m, d), (nt.EMBED, None), param_dtype, 0, 1)
+      self.w_v_MD = _init(rngs, (m, d), (nt.EMBED, None), param_dtype, 0, 1)
+    else:
+      self.w_q_EMKD = _init(rngs, (e, m, kv, d),
+                            (nt.EXPERT, nt.EMBED, nt.HEADS, None),
+                            param_dtype, 1, (2, 3))
+      self.w_o_EKDM = _init(rngs, (e, kv, d, m),
+                            (nt.EXPERT, nt.HEADS, None, nt.EMBED),
+                            param_dtype, (1, 2), 3)
+      self.w_k_MKD = _init(rngs, (m, kv, d), (nt.EMBED, nt.HEADS, None),
+                           param_dtype, 0, (1, 2))
+      self.w_v_MKD = _init(rngs, (m, kv, d), (nt.EMBED, nt.HEADS, None),
+                           param_dtype, 0, (1, 2))
+    self.b_out_M = (params_lib.param(rngs, nnx.initializers.zeros, (m,),
+                                     (nt.EMBED,), param_dtype)
+                    if output_bias else None)
+
+  def _weights(self):
+    """(w_q_EMKD, w_k_MKD, w_v_MKD, w_o_EKDM) in self.dtype; K = 1 for the
+    paper's single shared head."""
+    w = lambda p: p[...].astype(self.dtype)
+    if self.num_kv_heads is None:
+      return (w(self.w_q_EMD)[:, :, None], w(self.w_k_MD)[:, None],
+              w(self.w_v_MD)[:, None], w(self.w_o_EDM)[:, None])
+    return (w(self.w_q_EMKD), w(self.w_k_MKD), w(self.w_v_MKD),
+            w(self.w_o_EKDM))
+
+  def router_logits(self, x_BLM):
+    """<float32>[B, L, E]: the gate's logits x W_g (JetMoE returns them for
+    its balance loss)."""
+    return jnp.einsum("BLM,ME->BLE", x_BLM.astype(jnp.float32),
+                      self.w_gate_ME[...])
 
   def gates(self, x_BLM):
-    """<float32>[B, L, E]: renormalised top-k softmax gates (0 elsewhere)."""
-    probs_BLE = jax.nn.softmax(jnp.einsum(
-        "BLM,ME->BLE", x_BLM.astype(jnp.float32), self.w_gate_ME[...]), -1)
+    """<float32>[B, L, E]: renormalised top-k softmax gates (0 elsewhere).
+
+    Equal to a softmax over the k largest logits (JetMoE's, and
+    TokenChoiceRouter's gating='topk_softmax')."""
+    probs_BLE = jax.nn.softmax(self.router_logits(x_BLM), -1)
     picked_BLE = jnp.where(top_k_mask(probs_BLE, self.k), probs_BLE, 0.0)
     return picked_BLE / jnp.sum(picked_BLE, -1, keepdims=True)
 
@@ -143,26 +197,30 @@ class MoAAttention(_RoutedAttention):
                positions_BL=None):
     """<float>[B, L, M] -> <dtype>[B, L, M]."""
     b, l, _ = x_BLM.shape
-    dt = self.dtype
-    x_BLM = x_BLM.astype(dt)
-    w = lambda p: p[...].astype(dt)
+    x_BLM = x_BLM.astype(self.dtype)
+    w_q_EMKD, w_k_MKD, w_v_MKD, w_o_EKDM = self._weights()
+    e, kv, d = self.num_experts, w_k_MKD.shape[1], self.head_dim
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
-    q_BLED = self._rope(jnp.einsum("BLM,EMD->BLED", x_BLM, w(self.w_q_EMD)),
+    # Heads N = E * K, expert-major: head (e, j) attends key/value head j.
+    q_BLND = self._rope(jnp.einsum("BLM,EMKD->BLEKD", x_BLM, w_q_EMKD)
+                        .reshape(b, l, e * kv, d), positions_BL)
+    k_BJKD = self._rope(jnp.einsum("BJM,MKD->BJKD", x_BLM, w_k_MKD),
                         positions_BL)
-    k_BJ1D = self._rope(jnp.einsum("BJM,MD->BJD", x_BLM, w(self.w_k_MD))
-                        [:, :, None], positions_BL)
-    v_BJ1D = jnp.einsum("BJM,MD->BJD", x_BLM, w(self.w_v_MD))[:, :, None]
+    v_BJKD = jnp.einsum("BJM,MKD->BJKD", x_BLM, w_v_MKD)
     mask_BLJ = attention_mask(b, l, causal=self.causal,
                               padding_mask_BL=padding_mask_BL,
                               segment_ids_BL=segment_ids_BL)
-    e = self.num_experts
-    # Shared K/V: every expert head attends the same single key/value head.
-    o_BLED = _softmax_attend(q_BLED, jnp.broadcast_to(k_BJ1D, (b, l, e, self.head_dim)),
-                             jnp.broadcast_to(v_BJ1D, (b, l, e, self.head_dim)),
-                             mask_BLJ, self.head_dim)
-    g_BLE = self.gates(x_BLM).astype(dt)
-    return jnp.einsum("BLED,EDM,BLE->BLM", o_BLED, w(self.w_o_EDM), g_BLE)
+    # Shared K/V: every expert's head j attends the same key/value head j.
+    share = lambda t_BJKD: jnp.broadcast_to(
+        t_BJKD[:, :, None], (b, l, e, kv, d)).reshape(b, l, e * kv, d)
+    o_BLEKD = _softmax_attend(q_BLND, share(k_BJKD), share(v_BJKD), mask_BLJ,
+                              d).reshape(b, l, e, kv, d)
+    g_BLE = self.gates(x_BLM).astype(self.dtype)
+    y_BLM = jnp.einsum("BLEKD,EKDM,BLE->BLM", o_BLEKD, w_o_EKDM, g_BLE)
+    if self.b_out_M is not None:
+      y_BLM = y_BLM + self.b_out_M[...].astype(self.dtype)
+    return y_BLM
 
 
 class SwitchHeadAttention(_RoutedAttention):

@@ -90,3 +90,69 @@ def test_in_a_decoder_from_config(wrappers):
   with pytest.raises(L.MoEConfigError, match="model.wrappers"):
     models.DecoderLM(32, M, 2, 2, 16, wrappers={list(wrappers)[0]: {"kk": 1}},
                      rngs=nnx.Rngs(0))
+
+
+def test_moa_kv_heads_and_output_bias_hand_case():
+  # (B=1, L=2, M=1, E=1, k=1, K=2 kv heads, D=1, no RoPE), x = (1, 2),
+  # w_q_EMKD [1, 1, 2, 1] = (0, 1), w_k_MKD [1, 2, 1] = (0, 1),
+  # w_v_MKD = (3, 4), w_o_EKDM [1, 2, 1, 1] = (1, 10), b_out_M = 0.25.
+  # Head 0: logits 0, uniform over the causal keys: v_0 = (3, 6) -> (3, 4.5).
+  # Head 1: token 1's q = 2, keys (1, 2): logits (2, 4), v_1 = (4, 8) ->
+  # token 0: 4, token 1: 4 + 4 s, s = e^2 / (1 + e^2) = softmax(2, 4)[1].
+  moa = ae.MoAAttention(1, num_experts=1, k=1, head_dim=1, num_kv_heads=2,
+                        output_bias=True, rope_max_wavelength=None,
+                        rngs=nnx.Rngs(0))
+  moa.w_q_EMKD[...] = jnp.array([0.0, 1.0]).reshape(1, 1, 2, 1)
+  moa.w_k_MKD[...] = jnp.array([0.0, 1.0]).reshape(1, 2, 1)
+  moa.w_v_MKD[...] = jnp.array([3.0, 4.0]).reshape(1, 2, 1)
+  moa.w_o_EKDM[...] = jnp.array([1.0, 10.0]).reshape(1, 2, 1, 1)
+  moa.b_out_M[...] = jnp.array([0.25])
+  s = np.exp(2.0) / (1 + np.exp(2.0))
+  want = [3 + 10 * 4 + 0.25, 4.5 + 10 * (4 + 4 * s) + 0.25]
+  np.testing.assert_allclose(moa(jnp.array([[[1.0], [2.0]]]))[0, :, 0], want,
+                             rtol=1e-6)
+  assert moa.num_heads == 2
+
+
+def test_moa_one_kv_head_equals_the_paper_layout():
+  # (B=2, L=6, M=8, E=4, k=2, D=4): num_kv_heads=1 with the same weights
+  # (an extra K=1 axis) is the default block; output_bias=False adds none.
+  base = ae.MoAAttention(M, num_experts=4, k=2, head_dim=4, rngs=nnx.Rngs(0))
+  kv1 = ae.MoAAttention(M, num_experts=4, k=2, head_dim=4, num_kv_heads=1,
+                        rngs=nnx.Rngs(1))
+  kv1.w_gate_ME[...] = base.w_gate_ME[...]
+  kv1.w_q_EMKD[...] = base.w_q_EMD[...][:, :, None]
+  kv1.w_k_MKD[...] = base.w_k_MD[...][:, None]
+  kv1.w_v_MKD[...] = base.w_v_MD[...][:, None]
+  kv1.w_o_EKDM[...] = base.w_o_EDM[...][:, None]
+  x = jax.random.normal(jax.random.key(2), (2, 6, M))
+  np.testing.assert_allclose(kv1(x), base(x), rtol=1e-5, atol=1e-6)
+  assert base.b_out_M is None and kv1.b_out_M is None
+  assert not hasattr(base, "w_q_EMKD")
+
+
+def test_moa_gates_are_token_choice_topk_softmax():
+  # (B=2, L=5, M=8, E=4, k=2): MoA's renormalised top-k softmax is the
+  # TokenChoiceRouter gating 'topk_softmax' (JetMoE's routing).
+  from moejax import routing  # pylint: disable=g-import-not-at-top
+  moa = ae.MoAAttention(M, num_experts=4, k=2, head_dim=4, rngs=nnx.Rngs(0))
+  x = jax.random.normal(jax.random.key(3), (2, 5, M))
+  plan = routing.token_choice(moa.router_logits(x), k=2, capacity=None,
+                              gating="topk_softmax")
+  dense_BLE = jnp.sum(jax.nn.one_hot(plan.expert_GSK, 4)
+                      * plan.weight_GSK[..., None], -2)
+  np.testing.assert_allclose(moa.gates(x), dense_BLE, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kwargs, option, words", [
+    ({"num_kv_heads": 0}, "num_kv_heads", "integer >= 1, got 0"),
+    ({"num_kv_heads": 2.0}, "num_kv_heads", "integer >= 1, got 2.0"),
+    ({"num_kv_heads": True}, "num_kv_heads", "integer >= 1, got True"),
+    ({"output_bias": "yes"}, "output_bias", "True or False, got 'yes'"),
+])
+def test_moa_bad_new_options_name_themselves(kwargs, option, words):
+  from moejax.routing.validation import OptionError  # pylint: disable=g-import-not-at-top
+  with pytest.raises(OptionError, match=words) as err:
+    ae.MoAAttention(M, num_experts=4, k=2, head_dim=4, rngs=nnx.Rngs(0),
+                    **kwargs)
+  assert err.value.option == option and "\n" not in str(err.value)

@@ -25,7 +25,7 @@ FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 DENSE = ("qwen3", "llama")  # upcycling sources (tests/models/test_upcycle.py)
 FAMILIES = DENSE + ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
             "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "granitemoe",
-            "glm4_moe")
+            "glm4_moe", "jetmoe")
 
 
 @functools.cache
@@ -160,6 +160,25 @@ def test_describe_names_params_experts_routing_and_attention():
   assert len(text.splitlines()) <= 12
 
 
+def test_jetmoe_describes_attention_experts_and_refuses_decoding():
+  """JetMoE (M=64, 2 layers, attention: E=4, k=2, K=2, D=16): half of each
+  layer's 4 x (64*32 + 32*64) expert query/output weights are inactive."""
+  model = load("jetmoe")
+  text = hf.describe(model)
+  assert "MoA 4 experts top-2, 2 shared kv heads x 16, o bias" in text
+  active = text.split("active per token ")[1].split(" ")[0]
+  total = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(
+      nnx.state(model, nnx.Param)))
+  # layers x (E - k) x per-expert weights: FFN gate+up [64, 2*16] and down
+  # [16, 64]; attention query [64, 2*16] and output [2*16, 64].
+  experts_inactive = 2 * 2 * (64 * 32 + 16 * 64)
+  attention_inactive = 2 * 2 * (64 * 32 + 32 * 64)
+  assert int(active.replace(",", "")) == (total - experts_inactive
+                                          - attention_inactive)
+  with pytest.raises(NotImplementedError, match="has no KV cache yet"):
+    model.init_cache(1, 8)
+
+
 # ---- refusals ---------------------------------------------------------------
 
 
@@ -242,6 +261,23 @@ def test_unsupported_config_value_is_named(tmp_path, edit, field):
   path = copy_fixture(tmp_path, config=edit)
   with pytest.raises(hf.UnsupportedConfig, match=field):
     from_pretrained(path)
+
+
+@pytest.mark.parametrize("edit, words", [
+    (lambda c: c.update(num_attention_heads=6),
+     "num_attention_heads=6 must be num_key_value_heads x num_experts_per_tok"
+     " = 4"),
+    (lambda c: c.update(rope_parameters={"rope_type": "linear",
+                                         "rope_theta": 1e4, "factor": 2.0}),
+     "jetmoe attention supports only the default full-width RoPE, got "
+     "'linear'"),
+    (lambda c: c.update(activation_function="gelu"), "activation_function"),
+])
+def test_jetmoe_config_refusals_are_named(tmp_path, edit, words):
+  path = copy_fixture(tmp_path, "jetmoe", config=edit)
+  with pytest.raises(hf.UnsupportedConfig, match=words) as err:
+    from_pretrained(path)
+  assert "\n" not in str(err.value)
 
 
 def test_unsupported_family_option_is_named(tmp_path):

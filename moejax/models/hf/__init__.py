@@ -1,6 +1,7 @@
 """Pretrained MoE families from Hugging Face checkpoints (config.json +
 safetensors): Mixtral, OLMoE, Qwen2-MoE, Qwen3-MoE, DeepSeek-V2/V2-Lite/V3,
-GPT-OSS. See docs/models.md."""
+GPT-OSS, Granite-MoE, GLM-4-MoE, JetMoE (and dense Qwen3 / Llama). See
+docs/models.md."""
 
 from moejax.models.hf.config import FAMILIES
 from moejax.models.hf.config import ModelSpec

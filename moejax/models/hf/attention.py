@@ -3,7 +3,8 @@
 GQAttention: grouped-query attention with optional q/k/v and output biases,
 QK-norm per head (Qwen3) or over all heads (OLMoE), OLMoE's clip_qkv,
 sliding windows and learned sinks (GPT-OSS). MLAttention: DeepSeek's
-multi-head latent attention with its decoupled rotary part.
+multi-head latent attention with its decoupled rotary part. MoAttention:
+JetMoE's attention experts (moejax.layers.attention_experts.MoAAttention).
 
 Both take explicit positions and split projection from the core
 (`project` -> (q, k, v), then `attend`), so a KV cache can store the
@@ -15,6 +16,7 @@ import jax.numpy as jnp
 
 from moejax import notation as nt
 from moejax.layers import attention as core
+from moejax.layers import attention_experts
 from moejax.layers import kv_cache
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
@@ -262,4 +264,41 @@ class MLAttention(nnx.Module):
     return y if cache is None else (y, cache)
 
 
-FORMS = {"gqa": GQAttention, "mla": MLAttention}
+class MoAttention(nnx.Module):
+  """JetMoE's attention experts: moejax.layers.attention_experts.
+  MoAAttention (num_kv_heads=K, output_bias) under the HF block's call.
+
+  Parameters: moa (MoAAttention: w_gate_ME, w_q_EMKD, w_k_MKD, w_v_MKD,
+  w_o_EKDM, b_out_M). No KV cache yet: decoding refuses.
+  """
+
+  def __init__(self, spec, model_dim, rope, *, norm_eps, window=None,
+               dtype=jnp.float32, param_dtype=jnp.float32, rngs):
+    del norm_eps  # no QK-norm in this form
+    if window is not None:
+      raise ValueError(f"the 'moa' attention form has no sliding window, "
+                       f"got window={window}")
+    if rope.kind != "default" or 2 * (rope.dim // 2) != spec.head_dim:
+      raise ValueError(f"the 'moa' attention form needs the default "
+                       f"full-width RoPE, got {rope.kind!r} over {rope.dim}")
+    self.spec = spec
+    self.moa = attention_experts.MoAAttention(
+        model_dim, num_experts=spec.moa_experts, k=spec.moa_k,
+        head_dim=spec.head_dim, num_kv_heads=spec.num_kv_heads,
+        output_bias=spec.o_bias, causal=True, rope_max_wavelength=rope.theta,
+        dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+  def init_cache(self, batch, max_length):
+    raise NotImplementedError("the 'moa' attention form (JetMoE) has no KV "
+                              "cache yet, so a jetmoe model cannot decode")
+
+  def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None, cache=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M] (causal; keys masked by
+    key_mask_BL)."""
+    if cache is not None:
+      self.init_cache(None, None)
+    return self.moa(x_BLM, padding_mask_BL=key_mask_BL,
+                    positions_BL=positions_BL)
+
+
+FORMS = {"gqa": GQAttention, "mla": MLAttention, "moa": MoAttention}

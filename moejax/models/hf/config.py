@@ -53,7 +53,9 @@ class RopeSpec:
 
 @dataclasses.dataclass(frozen=True)
 class AttentionSpec:
-  """Attention form: 'gqa' (grouped-query) or 'mla' (DeepSeek latent)."""
+  """Attention form: 'gqa' (grouped-query), 'mla' (DeepSeek latent) or
+  'moa' (JetMoE's attention experts: num_heads = moa_k * num_kv_heads
+  active heads)."""
   form: str
   num_heads: int
   num_kv_heads: int = 0
@@ -69,6 +71,8 @@ class AttentionSpec:
   qk_rope_head_dim: int = 0
   v_head_dim: int = 0
   scale: Optional[float] = None       # None: qk head width ** -0.5
+  moa_experts: int = 0                # 'moa' (JetMoE): attention experts E
+  moa_k: int = 0                      # 'moa': experts per token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -481,6 +485,35 @@ def parse_glm4_moe(f):
               ffn_kinds=kinds, windows=(None,) * c["num_layers"])
 
 
+def parse_jetmoe(f):
+  """JetMoE: MoA attention (top-k of E experts' query/output projections
+  over K shared key/value heads, output bias) and a MoE FFN with fused
+  gate/up experts and an output bias."""
+  f.only("activation_function", ("silu",), "silu")
+  c = _common(f)
+  f.get("aux_loss_coef")  # training only
+  e, k = f.need("num_local_experts"), _k(f)
+  kv, d = f.need("num_key_value_heads"), f.need("kv_channels")
+  n = f.get("num_attention_heads", kv * k)
+  if n != kv * k:
+    raise UnsupportedConfig("num_attention_heads", n, (
+        f"num_attention_heads={n} must be num_key_value_heads x "
+        f"num_experts_per_tok = {kv * k} for jetmoe"))
+  att = AttentionSpec(form="moa", num_heads=n, num_kv_heads=kv, head_dim=d,
+                      o_bias=True, moa_experts=e, moa_k=k)
+  rope = _rope(f, d)
+  if rope.kind != "default" or rope.dim != d:
+    raise UnsupportedConfig("rope_type", rope.kind, (
+        f"jetmoe attention supports only the default full-width RoPE, got "
+        f"{rope.kind!r} over {rope.dim} of {d} features"))
+  moe = dict(_moe(e, k, f.need("intermediate_size"),
+                  {"name": "token_choice", "gating": "topk_softmax"}),
+             output_bias=True)
+  n_layers = c["num_layers"]
+  return dict(c, attention=att, rope=rope, dense_hidden_dim=0, moe=moe,
+              ffn_kinds=("moe",) * n_layers, windows=(None,) * n_layers)
+
+
 def _dense_only(c, att, f, rope):
   n = c["num_layers"]
   return dict(c, attention=att, rope=rope,
@@ -519,6 +552,7 @@ FAMILIES = {
     "gpt_oss": parse_gpt_oss,
     "granitemoe": parse_granitemoe,
     "glm4_moe": parse_glm4_moe,
+    "jetmoe": parse_jetmoe,
 }
 
 

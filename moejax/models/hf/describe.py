@@ -42,6 +42,9 @@ def _attention_form(spec):
     form = (f"MLA {a.num_heads} heads, {q}, kv latent {a.kv_lora_rank}, "
             f"qk {a.qk_nope_head_dim}+{a.qk_rope_head_dim} rope, v "
             f"{a.v_head_dim}")
+  elif a.form == "moa":
+    form = (f"MoA {a.moa_experts} experts top-{a.moa_k}, {a.num_kv_heads} "
+            f"shared kv heads x {a.head_dim}, o bias")
   else:
     form = f"GQA {a.num_heads}q/{a.num_kv_heads}kv x {a.head_dim}"
     extras = [n for n, on in (("qkv bias", a.qkv_bias), ("o bias", a.o_bias),
@@ -65,6 +68,12 @@ def describe(model):
   total = _params(model)
   inactive = 0
   moe_blocks = [b for b in model.blocks if b.is_moe]
+  for blk in model.blocks:  # attention experts (JetMoE): k of E per token
+    moa = getattr(blk.attention, "moa", None)
+    if moa is not None:
+      per_expert = (math.prod(moa.w_q_EMKD.shape)
+                    + math.prod(moa.w_o_EKDM.shape)) // moa.num_experts
+      inactive += (moa.num_experts - moa.k) * per_expert
   for blk in moe_blocks:
     experts = blk.ffn.experts
     per_expert = _params(experts) // experts.num_experts

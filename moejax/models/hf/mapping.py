@@ -177,6 +177,52 @@ def _fused_halves(p, hf):
                split, fuse)
 
 
+def jetmoe_attention(p, hf, num_kv_heads, head_dim):
+  """Entries of transformers' JetMoeAttention (prefix hf) <-> MoAAttention
+  (path p, num_kv_heads=K, output_bias=True); an empty prefix or path means
+  the block itself.
+
+  experts.input_linear [E, K*D, M] -> w_q_EMKD [E, M, K, D];
+  experts.output_linear [E, M, K*D] -> w_o_EKDM [E, K, D, M];
+  kv_proj [2*K*D, M] (key rows, then value rows) -> w_k_MKD, w_v_MKD
+  [M, K, D]; experts.router.layer [E, M] -> w_gate_ME; experts.bias ->
+  b_out_M. Within K*D the key/value head is the slower axis.
+  """
+  k, d = num_kv_heads, head_dim
+  at = lambda prefix, name: f"{prefix}.{name}" if prefix else name
+
+  def q_to_jax(a):
+    e, _, m = a[0].shape
+    return [np.ascontiguousarray(np.swapaxes(a[0], 1, 2)).reshape(e, m, k, d)]
+
+  def o_to_jax(a):
+    e, m, _ = a[0].shape
+    return [np.ascontiguousarray(np.swapaxes(a[0], 1, 2)).reshape(e, k, d, m)]
+
+  def kv_to_jax(a):
+    m = a[0].shape[1]
+    w_MF = a[0].T
+    return [np.ascontiguousarray(w_MF[:, :k * d]).reshape(m, k, d),
+            np.ascontiguousarray(w_MF[:, k * d:]).reshape(m, k, d)]
+
+  def kv_to_hf(a):
+    m = a[0].shape[0]
+    return [np.ascontiguousarray(np.concatenate(
+        [a[0].reshape(m, -1), a[1].reshape(m, -1)], axis=1).T)]
+
+  return [
+      _router(at(p, "w_gate_ME"), at(hf, "experts.router.layer.weight")),
+      Entry([at(p, "w_q_EMKD")], [at(hf, "experts.input_linear.weight")],
+            q_to_jax, lambda a: [np.ascontiguousarray(np.swapaxes(
+                a[0].reshape(a[0].shape[:2] + (-1,)), 1, 2))]),
+      Entry([at(p, "w_o_EKDM")], [at(hf, "experts.output_linear.weight")],
+            o_to_jax, lambda a: [np.ascontiguousarray(np.swapaxes(
+                a[0].reshape((a[0].shape[0], -1, a[0].shape[-1])), 1, 2))]),
+      Entry([at(p, "w_k_MKD"), at(p, "w_v_MKD")], [at(hf, "kv_proj.weight")],
+            kv_to_jax, kv_to_hf),
+      _same(at(p, "b_out_M"), at(hf, "experts.bias"))]
+
+
 def _moe(spec, p, hf):
   e = spec.num_experts
   t = spec.model_type
@@ -188,6 +234,10 @@ def _moe(spec, p, hf):
     hf = hf.replace(".mlp", ".block_sparse_moe")
     return [_router(f"{p}.router.w_router_ME", f"{hf}.router.layer.weight"),
             _fused_halves(f"{p}.experts", hf)]
+  if t == "jetmoe":
+    return [_router(f"{p}.router.w_router_ME", f"{hf}.router.layer.weight"),
+            _fused_halves(f"{p}.experts", hf),
+            _same(f"{p}.b_out_M", f"{hf}.bias")]
   if t == "gpt_oss":
     return [_router(f"{p}.router.w_router_ME", f"{hf}.router.weight"),
             _same(f"{p}.router.b_router_E", f"{hf}.router.bias"),
@@ -210,19 +260,29 @@ def _moe(spec, p, hf):
   return out
 
 
+def _moa(p, hf, att):
+  """JetMoE's attention (module self_attention) <-> MoAttention.moa."""
+  return jetmoe_attention(f"{p}.moa",
+                          hf.replace(".self_attn", ".self_attention"),
+                          att.num_kv_heads, att.head_dim)
+
+
+_ATTENTION = {"gqa": _gqa, "mla": _mla, "moa": _moa}
+
+
 def tensor_map(spec):
   """All Entry objects of a ModelSpec's model, embeddings first."""
   out = [_same("embed_VM", "model.embed_tokens.weight"),
          _same("final_norm.scale_M", "model.norm.weight")]
   if not spec.tie_embeddings:
     out.append(_router("w_unembed_MV", "lm_head.weight"))
-  attn = _gqa if spec.attention.form == "gqa" else _mla
+  att = spec.attention
   for i in range(spec.num_layers):
     p, hf = f"blocks.{i}", f"model.layers.{i}"
     out += [_same(f"{p}.input_norm.scale_M", f"{hf}.input_layernorm.weight"),
             _same(f"{p}.post_attention_norm.scale_M",
                   f"{hf}.post_attention_layernorm.weight")]
-    out += attn(f"{p}.attention", f"{hf}.self_attn", spec.attention)
+    out += _ATTENTION[att.form](f"{p}.attention", f"{hf}.self_attn", att)
     if spec.ffn_kinds[i] == "moe":
       out += _moe(spec, f"{p}.ffn", f"{hf}.mlp")
     else:
