@@ -36,7 +36,7 @@ from moejax.train import config as config_lib
 FIXTURE = "tests/models/fixtures/olmoe"
 # LoRA experts wrap every block's FFN: the dense ones and whole MoE layers
 # (their shared experts are inside them).
-LORA_SELECT = ["moejax.layers.ffn.DenseFFN", "moejax.layers.moe.MoELayer"]
+LORA_SELECT = "moejax.layers.ffn.DenseFFN,moejax.layers.moe.MoELayer"
 SIZES = {  # seq, batch, steps
     "small": (128, 16, 200),
     "smoke": (32, 8, 4),

@@ -190,10 +190,10 @@ def apply_lora_experts(model, *, num_experts=4, rank=8, k=None, alpha=16.0,
     model: any nnx.Module (DecoderLM, ViTClassifier, a pretrained HFDecoder
       from moejax.models.hf.from_pretrained).
     num_experts, rank, k, alpha: LoRAExpertsFFN's.
-    select: (path, module) -> bool picking the modules to wrap, or a dotted
-      class path, or a list of them (from a config:
+    select: (path, module) -> bool picking the modules to wrap, or dotted
+      class paths (a list, or one string, comma-separated; from a config:
       'moejax.layers.moe.MoELayer' wraps whole MoE layers;
-      ['moejax.layers.ffn.DenseFFN', 'moejax.layers.moe.MoELayer'] every
+      'moejax.layers.ffn.DenseFFN,moejax.layers.moe.MoELayer' every
       block's FFN, dense or MoE); default the DenseFFNs outside MoE layers.
       Each must map [..., M] -> [..., M] (or -> (y, aux) like an MoE
       layer). A selected module inside another selected one is left to the
@@ -211,11 +211,10 @@ def apply_lora_experts(model, *, num_experts=4, rank=8, k=None, alpha=16.0,
   _check_options(num_experts, rank, k, alpha)
   if model_dim is not None:
     validation.check_int("model_dim", model_dim, 1)
-  if isinstance(select, str):
-    chosen = _class_filter(select)
-  elif isinstance(select, (list, tuple)) and select and all(
-      isinstance(s, str) for s in select):
-    filters = [_class_filter(s) for s in select]
+  paths = select.split(",") if isinstance(select, str) else select
+  if isinstance(paths, (list, tuple)) and paths and all(
+      isinstance(s, str) for s in paths):
+    filters = [_class_filter(s.strip()) for s in paths]
     chosen = lambda path, module: any(f(path, module) for f in filters)
   elif select is None:
     chosen = _dense_ffns_outside_moe(model)
@@ -223,8 +222,9 @@ def apply_lora_experts(model, *, num_experts=4, rank=8, k=None, alpha=16.0,
     chosen = select
   else:
     raise validation.OptionError("select", select, f"select={select!r}: "
-                                 f"a dotted class path, a list of them, or "
-                                 f"a function (path, module) -> bool")
+                                 f"dotted class paths (comma-separated or a "
+                                 f"list) or a function (path, module) -> "
+                                 f"bool")
   chosen_paths = [tuple(path) for path, node in nnx.iter_graph(model)
                   if isinstance(node, nnx.Module) and path
                   and chosen(tuple(path), node)]

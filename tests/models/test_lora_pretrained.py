@@ -151,6 +151,12 @@ def test_the_default_wraps_dense_mlps_not_shared_experts():
   assert [type(b.ffn.shared) for b in model.blocks] == [L.DenseFFN,
                                                         moe_lib.MoELayer]
   assert isinstance(model.blocks[1].ffn.shared.shared, L.DenseFFN)
+  # The same, comma-separated (a config's string).
+  model = le.apply_lora_experts(
+      hf.from_pretrained(path), rngs=nnx.Rngs(0),
+      select=f"moejax.layers.ffn.DenseFFN, {MOE_LAYER}")
+  assert [type(b.ffn.shared) for b in model.blocks] == [L.DenseFFN,
+                                                        moe_lib.MoELayer]
 
 
 @pytest.mark.parametrize("options,match", [
@@ -161,8 +167,8 @@ def test_the_default_wraps_dense_mlps_not_shared_experts():
     (dict(select="moejax.layers.moe.NoSuchLayer"),
      "select='moejax.layers.moe.NoSuchLayer' is not an importable class"),
     (dict(select="moejax.layers.ffn.ACTIVATIONS"), "not an importable class"),
-    (dict(select=3), "select=3: a dotted class path, a list of them, or a "
-     "function"),
+    (dict(select=3), "select=3: dotted class paths"),
+    (dict(select=[]), r"select=\[\]: dotted class paths"),
     (dict(select=lambda path, module: False), "select=<lambda>: no module of "
      "this HFDecoder was selected"),
     (dict(rank=0), "rank"),

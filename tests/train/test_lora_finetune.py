@@ -117,3 +117,19 @@ def test_lora_fine_tuning_trains_only_adapters_and_resumes(tmp_path):
   assert all(np.abs(v).sum() > 0 for p, v in at2.items()
              if p.endswith("b_ERM"))
   assert all(not np.array_equal(at2[p], at3[p]) for p in at2)
+
+
+def test_bad_lora_options_are_config_errors_on_their_field(tmp_path):
+  c = _config(tmp_path, "olmoe")
+  c.model.wrappers.lora_experts.rank = 0
+  c.model.wrappers.lora_experts.select = "moejax.layers.moe.NoSuchLayer"
+  with pytest.raises(train.ConfigError) as err:
+    loop.validate_config(c)
+  text = str(err.value)
+  assert "config.model.wrappers.lora_experts.rank=0" in text, text
+  c = _config(tmp_path, "olmoe")
+  c.model.wrappers.lora_experts.select = "moejax.layers.moe.NoSuchLayer"
+  with pytest.raises(train.ConfigError, match=(
+      r"config.model.wrappers.lora_experts.select=.*NoSuchLayer.*not an "
+      r"importable class path")):
+    loop.validate_config(c)
