@@ -70,6 +70,20 @@ def test_step_0_is_the_pretrained_model_exactly(name):
     jax.tree.map(np.testing.assert_array_equal, got_aux, want_aux)
 
 
+def test_a_wrapped_moe_model_decodes_with_its_kv_cache():
+  # The cached decode calls the MoE layer with no_drop=True: the wrapper
+  # passes it on; at B = 0 greedy decoding gives transformers' tokens
+  # (generated_1N, written by the fixture script).
+  from moejax.inference import decoding  # pylint: disable=g-import-not-at-top
+  d = np.load(os.path.join(FIXTURES, "olmoe", "inputs.npz"))
+  prompt_1L, want_1N = d["prompt_1L"], d["generated_1N"]  # [1, 6], [1, 14]
+  model = _wrapped("olmoe")
+  got_1N = decoding.generate(model, jnp.asarray(prompt_1L),
+                             max_new_tokens=want_1N.shape[1]
+                             - prompt_1L.shape[1])
+  np.testing.assert_array_equal(np.asarray(got_1N), want_1N)
+
+
 @pytest.mark.parametrize("name", sorted(CASES))
 def test_only_adapters_and_routers_are_params_and_have_optimizer_state(name):
   plain = hf.from_pretrained(os.path.join(FIXTURES, name))
