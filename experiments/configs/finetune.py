@@ -13,6 +13,16 @@ guards against NaNs and preemption like every run.
 get_config(arg): comma-separated:
   trainable: all (default: full fine-tuning) | router (router only) |
              non_experts (frozen experts)
+  adapters:  none (default) | lora: LoRA experts (MoLoRA / LoRAMoE,
+             moejax/layers/lora_experts.py) over every block's frozen FFN,
+             dense or MoE (config.model.wrappers.lora_experts); only the
+             adapters and their routers train, the checkpoint's weights
+             stay bitwise, and step 0 computes the checkpoint (B = 0):
+
+  python -m experiments.train --config=experiments/configs/finetune.py:lora \
+      --config.init_from.path=tests/models/fixtures/olmoe \
+      --workdir=workdirs/lora_olmoe
+
   size:      small (default) | smoke (seconds; tests)
 The path defaults to the OLMoE fixture; pass another with
 --config.init_from.path (model.path follows it unless set).
@@ -24,6 +34,9 @@ from ml_collections import config_dict
 from moejax.train import config as config_lib
 
 FIXTURE = "tests/models/fixtures/olmoe"
+# LoRA experts wrap every block's FFN: the dense ones and whole MoE layers
+# (their shared experts are inside them).
+LORA_SELECT = "moejax.layers.ffn.DenseFFN,moejax.layers.moe.MoELayer"
 SIZES = {  # seq, batch, steps
     "small": (128, 16, 200),
     "smoke": (32, 8, 4),
@@ -32,6 +45,7 @@ SIZES = {  # seq, batch, steps
 
 def get_config(arg=None):
   opts = config_lib.parse_arg(arg, trainable=("all", "router", "non_experts"),
+                              adapters=("none", "lora"),
                               size=("small", "smoke"))
   seq_len, batch, steps = SIZES[opts["size"]]
   c = config_lib.base_config()
@@ -52,6 +66,13 @@ def get_config(arg=None):
   c.model = ml_collections.ConfigDict(dict(
       name="pretrained", path=config_dict.placeholder(str),
       dtype="float32", param_dtype="float32"))
+  if opts["adapters"] == "lora":
+    # Applied after the architecture is built and frozen; init_from then
+    # copies the checkpoint into the wrapped FFNs (moejax.train.init_from).
+    c.model.wrappers = ml_collections.ConfigDict(dict(lora_experts=dict(
+        num_experts=4, rank=8, alpha=16.0,
+        k=config_dict.placeholder(int),  # None: MoLoRA's soft mix of all
+        select=LORA_SELECT)))
   c.data = ml_collections.ConfigDict(dict(
       dataset="stdlib_bytes", seq_len=seq_len, train_split="train",
       eval_split="validation", shuffle_buffer_size=256,

@@ -22,11 +22,13 @@ the engine as cls(**options). Every option is passed to the class that owns
 it, and an option no class takes is an error.
 """
 
+import contextlib
 import copy
 import difflib
 import importlib
 import inspect
 
+from flax import nnx
 import jax.numpy as jnp
 
 from moejax.layers import attention_experts
@@ -513,6 +515,56 @@ def apply_wrappers(model, wrappers, *, rngs):
       where = field if err.option == "name" else f"{field}.{err.option}"
       raise MoEConfigError([(where, err.value, str(err))]) from None
   return model
+
+
+def wrapped_base(module):
+  """The module a wrapper stands for, following `wraps` (LoRAExpertsFFN
+  declares wraps = 'shared'), or `module` itself when it wraps nothing."""
+  while getattr(module, "wraps", None):
+    module = getattr(module, module.wraps)
+  return module
+
+
+@contextlib.contextmanager
+def unwrapped(model):
+  """Within the block, `model` has the structure it had before its wrappers:
+  each module that declares `wraps = '<attribute>'` (LoRAExpertsFFN) is
+  replaced in its parent by the module it holds there, and put back after.
+
+  The modules are the same objects, so what is written to their variables
+  inside (e.g. a checkpoint's weights copied by path) stays. The wrappers'
+  own variables (adapters, routers) are absent inside.
+
+  Yields:
+    the list of (path, wrapper) replaced (empty: nothing wrapped).
+  """
+  def first_wrapper():
+    for path, node in nnx.iter_graph(model):
+      if (path and isinstance(node, nnx.Module)
+          and getattr(node, "wraps", None)):
+        return tuple(path), node
+    return None
+
+  def put(path, module):
+    parent = model
+    for key in path[:-1]:
+      parent = parent[key] if isinstance(key, int) else getattr(parent, key)
+    if isinstance(path[-1], int):
+      parent[path[-1]] = module
+    else:
+      setattr(parent, path[-1], module)
+
+  # One at a time, re-reading the graph: a base may hold wrappers itself.
+  done = []
+  try:
+    while (found := first_wrapper()) is not None:
+      path, wrapper = found
+      put(path, getattr(wrapper, wrapper.wraps))
+      done.append(found)
+    yield list(done)
+  finally:
+    for path, wrapper in reversed(done):
+      put(path, wrapper)
 
 
 def known_loss_names(layers=()):

@@ -10,6 +10,11 @@ checkpoint):
     model: dense FFNs become copies in every expert, routers start fresh;
     moejax.models.upcycle_params);
   drop_ratio: Drop-Upcycling's re-initialised fraction (mode 'upcycle').
+A model built with wrappers (config.model.wrappers, e.g. 'lora_experts')
+is filled through moejax.layers.build.unwrapped: the checkpoint's weights
+go to the wrapped (frozen) modules by the checkpoint's own paths, and the
+wrappers' adapters and routers keep their initialisation (LoRA's B = 0: at
+step 0 the model computes the checkpoint's function).
 
 config.trainable: which parameters train; the others become FrozenParams
 (moejax.layers.params), so they get no gradient and no optimizer state:
@@ -20,6 +25,7 @@ config.trainable: which parameters train; the others become FrozenParams
 from flax import nnx
 import jax
 
+from moejax.layers import build as build_lib
 from moejax.layers import params as params_lib
 from moejax.models import upcycling
 
@@ -86,9 +92,15 @@ def fill_state(graphdef, state, init_from):
     raise ValueError(f"init_from.mode={mode!r}; allowed: {list(MODES)}")
   model = nnx.merge(graphdef, state.params, state.model_state)
   source = source_model(init_from["path"])
-  report = upcycling.upcycle_params(
-      model, source, drop_ratio=float(init_from.get("drop_ratio", 0.0) or 0.0)
-      if mode == "upcycle" else 0.0, variables=_WEIGHTS)
+  # A model with wrappers (model.wrappers, e.g. LoRA experts over a
+  # pretrained checkpoint) is filled by the source's own paths: its wrapped
+  # modules stand in their bases' places meanwhile, and the wrappers' own
+  # variables (adapters, routers) keep their initialisation.
+  with build_lib.unwrapped(model):
+    report = upcycling.upcycle_params(
+        model, source, drop_ratio=float(init_from.get("drop_ratio", 0.0)
+                                        or 0.0)
+        if mode == "upcycle" else 0.0, variables=_WEIGHTS)
   if mode == "copy":
     fresh = report["initialised"] + report["broadcast"]
     if fresh:

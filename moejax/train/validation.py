@@ -775,8 +775,10 @@ def validate_config(config, *, num_devices=None, process_count=None):
   model = None
   if not _check_flat_form(config, p):
     model = build_abstract_model(config, p)
+  # A wrapped MoE layer (LoRA experts over it) reports what it reports.
   moe_layers = [] if model is None else [
-      blk.ffn for blk in getattr(model, "blocks", ()) if blk.is_moe]
+      build_lib.wrapped_base(blk.ffn) for blk in getattr(model, "blocks", ())
+      if blk.is_moe]
   _check_aux_weights(config, p, moe_layers)
   _check_reported(config, p, moe_layers + [
       blk for blk in getattr(model, "blocks", ()) if hasattr(blk, "loss_names")])

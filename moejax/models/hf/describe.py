@@ -7,6 +7,7 @@ import math
 from flax import nnx
 import jax
 
+from moejax.layers import build as build_lib
 from moejax.layers import params as params_lib
 
 
@@ -62,6 +63,22 @@ def _attention_form(spec):
   return form
 
 
+def _trainable_line(model, total):
+  """'  trainable: ...' when some weights are frozen (LoRA experts,
+  config.trainable), else None."""
+  trainable = sum(int(math.prod(x.shape))
+                  for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
+  if trainable == total:
+    return None
+  wrapped = {}
+  for _, node in nnx.iter_graph(model):
+    if isinstance(node, nnx.Module) and getattr(node, "wraps", None):
+      name = type(node).__name__
+      wrapped[name] = wrapped.get(name, 0) + 1
+  return (f"  trainable: {trainable:,} of {total:,} ({trainable / total:.2%})"
+          + "".join(f"; {n} x{c}" for n, c in wrapped.items()))
+
+
 def describe(model):
   """A few lines describing an HFDecoder (str)."""
   spec = model.spec
@@ -75,9 +92,10 @@ def describe(model):
                     + math.prod(moa.w_o_EKDM.shape)) // moa.num_experts
       inactive += (moa.num_experts - moa.k) * per_expert
   for blk in moe_blocks:
-    experts = blk.ffn.experts
+    layer = build_lib.wrapped_base(blk.ffn)
+    experts = layer.experts
     per_expert = _params(experts) // experts.num_experts
-    inactive += (experts.num_experts - blk.ffn.router.k) * per_expert
+    inactive += (experts.num_experts - layer.router.k) * per_expert
   lines = [f"{spec.model_type}: V={spec.vocab_size} M={spec.model_dim} "
            f"layers={spec.num_layers} ({len(moe_blocks)} MoE, "
            f"{spec.num_layers - len(moe_blocks)} dense) tied="
@@ -86,7 +104,7 @@ def describe(model):
            f"{total - inactive:,} ({(total - inactive) / max(total, 1):.1%})",
            f"  attention: {_attention_form(spec)}"]
   if moe_blocks:
-    layer = moe_blocks[0].ffn
+    layer = build_lib.wrapped_base(moe_blocks[0].ffn)
     ex = layer.experts
     shared = "" if layer.shared is None else (
         f", shared {type(layer.shared).__name__}")
@@ -96,4 +114,7 @@ def describe(model):
               f"{shared}",
               f"  routing: {_routing_rule(layer.router)}, engine "
               f"{type(layer.engine).__name__}"]
+  trainable = _trainable_line(model, total)
+  if trainable:
+    lines.append(trainable)
   return "\n".join(lines)

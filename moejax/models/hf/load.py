@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from safetensors import safe_open
 
+from moejax.layers import build as build_lib
 from moejax.models.hf import config as config_lib
 from moejax.models.hf import decoder as decoder_lib
 from moejax.models.hf import mapping
@@ -66,13 +67,19 @@ def _sharding(variable, mesh):
       mesh, sharding_rules.variable_spec(variable, mesh=mesh))
 
 
-def architecture(path, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+def architecture(path, *, rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 wrappers=None):
   """The HFDecoder that path's config.json describes, freshly initialised
   (no weights read): the trainer builds it, then fills it from the
-  checkpoint (moejax.train.init_from)."""
+  checkpoint (moejax.train.init_from). `wrappers` ({name: options} of
+  moejax.layers.build.WRAPPERS, e.g. {'lora_experts': {'rank': 8}}) are
+  applied to it as DecoderLM applies them (config.model.wrappers)."""
   spec = config_lib.parse_config(read_config(path))
-  return decoder_lib.HFDecoder(spec, dtype=dtype, param_dtype=param_dtype,
-                               rngs=rngs)
+  model = decoder_lib.HFDecoder(spec, dtype=dtype, param_dtype=param_dtype,
+                                rngs=rngs)
+  if wrappers:
+    build_lib.apply_wrappers(model, wrappers, rngs=rngs)
+  return model
 
 
 def from_pretrained(path, *, dtype=None, mesh=None):
