@@ -16,9 +16,12 @@
       y_l  = sum_n sum_{e in topk(s'_ln)} s'_lne attn_ln W_o_ne,
       s'_ln = sigmoid(x_l W_so_n)
 
-Both are drop-in replacements of MultiHeadAttention (same call); the
-experts are computed densely and masked (E query projections / E value and
-output projections per token), which is exact and simple; the FLOP savings
+Both are drop-in replacements of MultiHeadAttention (same call). MoA also
+decodes like it (`init_cache`, `cache=`): its KV cache holds the shared
+rotated keys and values only, as grouped-query attention's with K heads
+(SwitchHead has no cache yet). The experts are computed densely and masked
+(E query projections / E value and output projections per token), which is
+exact and simple; the FLOP savings
 of the papers need a gather-based kernel. They report no auxiliary loss
 (SwitchHead trains without one; MoA's balance loss would need the block to
 return the attention's aux; MoAAttention.router_logits gives its logits).
@@ -39,6 +42,8 @@ import jax
 import jax.numpy as jnp
 
 from moejax import notation as nt
+from moejax.layers import attention as attention_lib
+from moejax.layers import kv_cache
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
 from moejax.routing import validation
@@ -193,34 +198,60 @@ class MoAAttention(_RoutedAttention):
     picked_BLE = jnp.where(top_k_mask(probs_BLE, self.k), probs_BLE, 0.0)
     return picked_BLE / jnp.sum(picked_BLE, -1, keepdims=True)
 
+  def init_cache(self, batch, max_length):
+    """An empty LayerCache (moejax.layers.kv_cache) of the shared rotated
+    keys and values, {'k', 'v': [B, T, K, D]} with T = max_length and
+    K = num_kv_heads (1 without): the routed query and output projections
+    act on each token alone, so nothing of theirs is cached."""
+    shape = ((self.num_kv_heads or 1, self.head_dim), self.dtype)
+    return kv_cache.init(batch, max_length, {"k": shape, "v": shape})
+
   def __call__(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
-               positions_BL=None):
-    """<float>[B, L, M] -> <dtype>[B, L, M]."""
+               positions_BL=None, cache=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M].
+
+    Args as MultiHeadAttention: with a LayerCache (init_cache) the queries
+    also read the cached keys (causality then follows positions_BL, which
+    is required) and the result is (y_BLM, the cache with the new keys).
+    """
     b, l, _ = x_BLM.shape
     x_BLM = x_BLM.astype(self.dtype)
     w_q_EMKD, w_k_MKD, w_v_MKD, w_o_EKDM = self._weights()
     e, kv, d = self.num_experts, w_k_MKD.shape[1], self.head_dim
+    if cache is not None and (positions_BL is None or
+                              segment_ids_BL is not None):
+      raise ValueError("decoding with a cache needs positions_BL and no "
+                       "segment_ids_BL (one sequence per row)")
     if positions_BL is None:
-      positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
-    # Heads N = E * K, expert-major: head (e, j) attends key/value head j.
-    q_BLND = self._rope(jnp.einsum("BLM,EMKD->BLEKD", x_BLM, w_q_EMKD)
-                        .reshape(b, l, e * kv, d), positions_BL)
+      positions_BL = attention_lib.default_positions(b, l)
+    # Heads N = K * E, kv-major: head (j, e) reads the shared key/value
+    # head j, the attention core's grouped-query layout (E query heads per
+    # key/value head), so K/V are never copied per expert.
+    q_BLND = self._rope(jnp.einsum("BLM,EMKD->BLKED", x_BLM, w_q_EMKD)
+                        .reshape(b, l, kv * e, d), positions_BL)
     k_BJKD = self._rope(jnp.einsum("BJM,MKD->BJKD", x_BLM, w_k_MKD),
                         positions_BL)
     v_BJKD = jnp.einsum("BJM,MKD->BJKD", x_BLM, w_v_MKD)
-    mask_BLJ = attention_mask(b, l, causal=self.causal,
-                              padding_mask_BL=padding_mask_BL,
-                              segment_ids_BL=segment_ids_BL)
-    # Shared K/V: every expert's head j attends the same key/value head j.
-    share = lambda t_BJKD: jnp.broadcast_to(
-        t_BJKD[:, :, None], (b, l, e, kv, d)).reshape(b, l, e * kv, d)
-    o_BLEKD = _softmax_attend(q_BLND, share(k_BJKD), share(v_BJKD), mask_BLJ,
-                              d).reshape(b, l, e, kv, d)
+    if cache is None:
+      # Causality by index (positions_BL may restart within a packed row).
+      index_BL = attention_lib.default_positions(b, l)
+      mask_BLJ = attention_lib.attention_mask(
+          index_BL, index_BL, causal=self.causal,
+          key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+    else:
+      entries, k_positions_BJ, cache = kv_cache.extend(
+          cache, {"k": k_BJKD, "v": v_BJKD}, positions_BL, padding_mask_BL)
+      k_BJKD, v_BJKD = entries["k"], entries["v"]
+      mask_BLJ = attention_lib.attention_mask(
+          positions_BL, k_positions_BJ, causal=self.causal,
+          key_mask_BJ=k_positions_BJ >= 0)
+    o_BLKED = attention_lib.attend(q_BLND, k_BJKD, v_BJKD, mask_BLJ,
+                                   scale=d ** -0.5).reshape(b, l, kv, e, d)
     g_BLE = self.gates(x_BLM).astype(self.dtype)
-    y_BLM = jnp.einsum("BLEKD,EKDM,BLE->BLM", o_BLEKD, w_o_EKDM, g_BLE)
+    y_BLM = jnp.einsum("BLKED,EKDM,BLE->BLM", o_BLKED, w_o_EKDM, g_BLE)
     if self.b_out_M is not None:
       y_BLM = y_BLM + self.b_out_M[...].astype(self.dtype)
-    return y_BLM
+    return y_BLM if cache is None else (y_BLM, cache)
 
 
 class SwitchHeadAttention(_RoutedAttention):

@@ -21,7 +21,7 @@ from moejax.layers import kv_cache
 
 FIXTURES = os.path.join(os.path.dirname(__file__), "fixtures")
 FAMILIES = ("mixtral", "olmoe", "qwen2_moe", "qwen3_moe", "deepseek_v3",
-            "deepseek_v2", "deepseek_v2_lite", "gpt_oss")
+            "deepseek_v2", "deepseek_v2_lite", "gpt_oss", "jetmoe")
 
 
 @functools.cache
@@ -47,7 +47,8 @@ def test_greedy_generation_equals_transformers(name):
                                                                       prompt_1L.shape[1] + 8])
 
 
-@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2", "gpt_oss"])
+@pytest.mark.parametrize("name", ["qwen3_moe", "deepseek_v2", "gpt_oss",
+                                  "jetmoe"])
 def test_every_cached_step_equals_the_argmax_of_a_full_recompute(name):
   # B=2, L=5, row 1 left-padded by 2; N=9 new tokens. GPT-OSS's sliding
   # layers (window 4) then decode from a rolling cache of 4 slots.
@@ -99,6 +100,12 @@ def test_cache_memory_matches_its_formula():
   want = sum(b * t * ((s.kv_lora_rank + s.qk_rope_head_dim) * 4 + 4)
              for _ in mla.blocks)
   assert sum(c.nbytes() for c in mla.init_cache(b, t)) == want
+  # MoA (JetMoE): its K shared key/value heads, as GQA; nothing per expert.
+  moa = load("jetmoe")
+  s = moa.spec.attention
+  want = sum(b * t * (2 * s.num_kv_heads * s.head_dim * 4 + 4)
+             for _ in moa.blocks)
+  assert sum(c.nbytes() for c in moa.init_cache(b, t)) == want
 
 
 def test_kv_cache_extend_by_hand():

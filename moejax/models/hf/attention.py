@@ -6,9 +6,9 @@ sliding windows and learned sinks (GPT-OSS). MLAttention: DeepSeek's
 multi-head latent attention with its decoupled rotary part. MoAttention:
 JetMoE's attention experts (moejax.layers.attention_experts.MoAAttention).
 
-Both take explicit positions and split projection from the core
-(`project` -> (q, k, v), then `attend`), so a KV cache can store the
-projected keys/values (or MLA's latent) later without a rewrite.
+All three take explicit positions and decode with a KV cache
+(`init_cache`, moejax.layers.kv_cache) of what rebuilds their keys and
+values: GQA's and MoA's rotated keys and values, MLA's latent.
 """
 
 from flax import nnx
@@ -269,7 +269,8 @@ class MoAttention(nnx.Module):
   MoAAttention (num_kv_heads=K, output_bias) under the HF block's call.
 
   Parameters: moa (MoAAttention: w_gate_ME, w_q_EMKD, w_k_MKD, w_v_MKD,
-  w_o_EKDM, b_out_M). No KV cache yet: decoding refuses.
+  w_o_EKDM, b_out_M). Its KV cache is MoAAttention's: the K shared rotated
+  key/value heads, as GQA's (the routed projections need nothing cached).
   """
 
   def __init__(self, spec, model_dim, rope, *, norm_eps, window=None,
@@ -289,16 +290,16 @@ class MoAttention(nnx.Module):
         dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
   def init_cache(self, batch, max_length):
-    raise NotImplementedError("the 'moa' attention form (JetMoE) has no KV "
-                              "cache yet, so a jetmoe model cannot decode")
+    """An empty LayerCache of the shared rotated keys and values
+    ({'k', 'v': [B, T, K, D]}, T = max_length)."""
+    return self.moa.init_cache(batch, max_length)
 
   def __call__(self, x_BLM, positions_BL, *, key_mask_BL=None, cache=None):
     """<float>[B, L, M] -> <dtype>[B, L, M] (causal; keys masked by
-    key_mask_BL)."""
-    if cache is not None:
-      self.init_cache(None, None)
+    key_mask_BL); with a LayerCache (init_cache), (y_BLM, cache with the
+    new keys written)."""
     return self.moa(x_BLM, padding_mask_BL=key_mask_BL,
-                    positions_BL=positions_BL)
+                    positions_BL=positions_BL, cache=cache)
 
 
 FORMS = {"gqa": GQAttention, "mla": MLAttention, "moa": MoAttention}
