@@ -148,10 +148,26 @@ def markdown(groups, baseline):
   return "\n".join(lines) + "\n"
 
 
+def short_names(names):
+  """Display names: the comma-separated parts every name shares are left
+  out, and a lone `key=value` part shows its value ('router=top2,size=s1000'
+  and 'router=dense,size=s1000' -> 'top2', 'dense')."""
+  parts = [n.split(",") for n in names]
+  common = set(parts[0]).intersection(*parts[1:]) if len(parts) > 1 else set()
+  out = []
+  for name, ps in zip(names, parts):
+    kept = [p for p in ps if p not in common] or ps
+    if len(kept) == 1 and "=" in kept[0]:
+      kept = [kept[0].split("=", 1)[1]]
+    out.append(",".join(kept) or name)
+  return dict(zip(names, out))
+
+
 def plot_paired(groups, baseline, path, dpi=100, metric_label="val loss"):
   """One dot per seed of each configuration's difference from the
-  baseline, its mean ± sd as a bar, and the baseline's own seed-to-seed sd
-  as a grey band (the unpaired spread). Returns the path written."""
+  baseline, its mean ± sd as a bar coloured by the verdict, and the
+  baseline's own seed-to-seed sd as a grey band (the unpaired spread).
+  Returns the path written (None when nothing is paired)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
@@ -159,35 +175,41 @@ def plot_paired(groups, baseline, path, dpi=100, metric_label="val loss"):
   names.sort(key=lambda n: groups[n].paired_mean)
   if not names:
     return None
+  short = short_names([baseline] + names)
+  base = short[baseline]
   with plt.rc_context({"font.size": 10, "legend.fontsize": 9}):
-    fig, ax = plt.subplots(figsize=(7.5, 0.42 * len(names) + 1.6))
+    fig, ax = plt.subplots(figsize=(7.5, 0.4 * len(names) + 2.4))
     base_sd = groups[baseline].sd
     if base_sd:
       ax.axvspan(-base_sd, base_sd, color="0.88", zorder=0,
-                 label=f"± 1 sd of {baseline} over seeds (unpaired spread)")
+                 label=f"± 1 sd of {base}'s loss over seeds (unpaired)")
     ax.axvline(0, color="0.3", lw=1)
     colors = {"better": "tab:green", "worse": "tab:red"}
+    labels = {"better": f"mean ± sd: better than {base} (paired t, 95%)",
+              "worse": f"mean ± sd: worse than {base} (paired t, 95%)",
+              "within spread": "mean ± sd: within the seed spread",
+              "": "one seed only"}
     labelled = set()
     for y, name in enumerate(names):
       g = groups[name]
-      color = colors.get(g.verdict, "tab:blue")
-      verdict = g.verdict or "one seed"
       ax.errorbar(g.paired_mean, y, xerr=g.paired_sd or 0, fmt="s",
-                  color=color, capsize=3, ms=6,
-                  label=(None if verdict in labelled else
-                         f"mean ± sd: {verdict}"))
-      labelled.add(verdict)
+                  color=colors.get(g.verdict, "tab:blue"), capsize=3, ms=6,
+                  label=None if g.verdict in labelled else labels[g.verdict])
+      labelled.add(g.verdict)
       ax.plot(g.paired, [y] * len(g.paired), "o", mfc="none", color="0.2",
-              ms=5, label=None if "seed" in labelled else "one seed")
+              ms=5, label=None if "seed" in labelled else "one seed's "
+              "difference")
       labelled.add("seed")
-    ax.set_yticks(range(len(names)), names)
+    ax.set_yticks(range(len(names)), [short[n] for n in names])
     ax.invert_yaxis()
-    ax.set_xlabel(f"{metric_label} − {baseline} at the same seed "
+    ax.set_xlabel(f"{metric_label} − {base}'s at the same seed "
                   "(nats; < 0 is better)")
-    ax.set_title(f"Paired difference from {baseline}")
-    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1), frameon=False)
+    ax.set_title(f"Paired difference from {base}")
+    ax.grid(axis="x", color="0.8", lw=0.5)
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.16 - 0.5 / (
+        len(names) + 2)), ncol=2, frameon=False)
     fig.tight_layout()
-    fig.savefig(path, dpi=dpi)
+    fig.savefig(path, dpi=dpi, bbox_inches="tight")
     plt.close(fig)
   return path
 

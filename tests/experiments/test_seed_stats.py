@@ -86,3 +86,13 @@ def test_markdown_and_figure(tmp_path):
   assert "| 500 |" in lines[3]
   path = seed_stats.plot_paired(groups, "base", str(tmp_path / "p.png"))
   assert pathlib.Path(path).stat().st_size > 1000
+
+
+def test_short_names_drop_the_shared_parts():
+  names = ["router=top2,size=s1000", "router=dense,size=s1000",
+           "router=mod,size=s1000"]
+  assert list(seed_stats.short_names(names).values()) == [
+      "top2", "dense", "mod"]
+  # Nothing shared: the names stay.
+  assert seed_stats.short_names(["a,b=1", "c,b=2"]) == {
+      "a,b=1": "a,b=1", "c,b=2": "c,b=2"}
