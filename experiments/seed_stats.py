@@ -80,14 +80,15 @@ class SeedGroup:
 
 
 def group_by_seed(rows, metric="eval_ce_loss"):
-  """{config_arg: SeedGroup} over rows with a finite `metric`, in first-seen
-  order. A row's seed is its `seed` column (0 when absent); two rows with
+  """{config_arg: SeedGroup} over finished rows (a `status` other than
+  'finished' is skipped) with a finite `metric`, in first-seen order. A row's seed is its `seed` column (0 when absent); two rows with
   the same configuration and seed are an error (the pairing would be
   ambiguous)."""
   groups = {}
   for row in rows:
     value = _number(row.get(metric))
-    if value is None:
+    # An unfinished run's summary holds its last eval, not its result.
+    if value is None or row.get("status", "finished") != "finished":
       continue
     name = row.get("config_arg") or row["run"]
     seed = int(_number(row.get("seed")) or 0)

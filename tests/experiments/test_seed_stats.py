@@ -63,8 +63,10 @@ def test_pairs_only_common_seeds_and_one_seed_has_no_verdict():
   assert groups["a"].sd is None
 
 
-def test_rows_without_a_loss_are_skipped_and_errors_name_the_value():
-  rows = _rows("base", [2.0, 2.1, None])
+def test_rows_without_a_loss_or_unfinished_are_skipped_and_errors_name_the_value():
+  rows = _rows("base", [2.0, 2.1, None]) + [dict(
+      run="base,seed=3", config_arg="base", seed=3, eval_ce_loss=2.5,
+      status="unfinished")]
   groups = seed_stats.group_by_seed(rows)
   assert groups["base"].seeds == [0, 1]
   with pytest.raises(ValueError, match="baseline 'top9' is not among"):
