@@ -32,7 +32,8 @@ panel:
                         the baseline per seed and whether it exceeds the
                         seed spread (experiments/seed_stats.py)
 
---runs=REGEX keeps the runs whose name matches; --load_runs=REGEX picks the
+--runs=REGEX keeps the runs whose name matches; --plot_runs=REGEX the
+runs drawn in the figures (not the tables); --load_runs=REGEX picks the
 rows of expert_load.png. Needs matplotlib (the
 `report` extra: pip install -e '.[report]').
 """
@@ -67,6 +68,10 @@ _BASELINE = flags.DEFINE_string(
     "baseline", None, "A config arg (e.g. 'router=top2,size=s500'): also "
     "write seeds.md and paired.png, every configuration's mean over seeds "
     "and its paired difference from this one (experiments/seed_stats.py).")
+_PLOT_RUNS = flags.DEFINE_string(
+    "plot_runs", None, "Regex: the runs drawn in the loss/load/entropy/"
+    "dropped figures (default: all); the tables and paired.png keep every "
+    "run kept by --runs.")
 _DPI = flags.DEFINE_integer("dpi", 100, "PNG resolution (at 100, 10 pt "
                             "text is ~14 px).", lower_bound=20)
 
@@ -549,10 +554,14 @@ def write_tables(runs, out_dir):
   return rows
 
 
-def make_report(runs, out_dir, dpi=100, load_runs=None, baseline=None):
+def make_report(runs, out_dir, dpi=100, load_runs=None, baseline=None,
+                plot_runs=None):
   """Writes every figure and the tables; returns the paths written.
 
   load_runs: a regex choosing the runs of expert_load.png (None: all).
+  plot_runs: a regex choosing the runs drawn in the loss, load, entropy and
+    dropped figures (None: all); the tables and paired.png keep every run
+    (e.g. one seed's curves, every seed's statistics).
   baseline: a config arg; also writes seeds.md and paired.png (seed
     repeats paired against it, experiments/seed_stats.py).
   """
@@ -561,18 +570,19 @@ def make_report(runs, out_dir, dpi=100, load_runs=None, baseline=None):
   os.makedirs(out_dir, exist_ok=True)
   written = []
   tasks = {}
-  for run in runs:
+  drawn = [r for r in runs if not plot_runs or re.search(plot_runs, r.name)]
+  for run in drawn:
     tasks.setdefault(run.task, []).append(run)
   for task, members in tasks.items():
     written.append(plot_losses(members, os.path.join(out_dir,
                                                      f"loss_{task}.png"),
                                dpi))
-  load = [r for r in runs if not load_runs or re.search(load_runs, r.name)]
+  load = [r for r in drawn if not load_runs or re.search(load_runs, r.name)]
   for fn, chosen, name in (
-      (plot_final_losses, runs, "final_loss.png"),
+      (plot_final_losses, drawn, "final_loss.png"),
       (plot_expert_load, load, "expert_load.png"),
-      (plot_dropped_vs_cf, runs, "dropped_vs_cf.png"),
-      (plot_router_entropy, runs, "router_entropy.png")):
+      (plot_dropped_vs_cf, drawn, "dropped_vs_cf.png"),
+      (plot_router_entropy, drawn, "router_entropy.png")):
     path = fn(chosen, os.path.join(out_dir, name), dpi)
     if path:
       written.append(path)
@@ -604,7 +614,7 @@ def main(argv):
     runs += load_runs(sweep_dir, _WORKDIRS.value if i == 0 else (),
                       _RUNS.value)
   for path in make_report(runs, out_dir, _DPI.value, _LOAD_RUNS.value,
-                          _BASELINE.value):
+                          _BASELINE.value, _PLOT_RUNS.value):
     print(path)
 
 

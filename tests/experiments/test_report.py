@@ -123,3 +123,18 @@ def test_make_report_writes_every_png(runs, tmp_path):
     if name.endswith(".png"):
       data = (out / name).read_bytes()
       assert data.startswith(b"\x89PNG") and 1000 < len(data) < 400_000, name
+
+
+def test_plot_runs_limit_the_figures_not_the_tables(runs, tmp_path):
+  out = tmp_path / "report"
+  written = report.make_report(runs, str(out), plot_runs=r"^lm[0-2]$",
+                               baseline="lm1")
+  names = {os.path.basename(p) for p in written}
+  # No ViT run drawn: no ViT loss figure; every run is in the tables.
+  assert "loss_lm.png" in names and "loss_classification.png" not in names
+  assert {"seeds.md", "paired.png"} <= names
+  rows = (out / "results.md").read_text().splitlines()[2:]
+  assert len(rows) == len(runs)
+  seeds = (out / "seeds.md").read_text()
+  assert seeds.splitlines()[2].startswith("| `lm1` |")
+  assert seeds.count("\n") == len(runs) + 2
