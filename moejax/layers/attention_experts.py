@@ -16,10 +16,11 @@
       y_l  = sum_n sum_{e in topk(s'_ln)} s'_lne attn_ln W_o_ne,
       s'_ln = sigmoid(x_l W_so_n)
 
-Both are drop-in replacements of MultiHeadAttention (same call). MoA also
-decodes like it (`init_cache`, `cache=`): its KV cache holds the shared
-rotated keys and values only, as grouped-query attention's with K heads
-(SwitchHead has no cache yet). The experts are computed densely and masked
+Both are drop-in replacements of MultiHeadAttention (same call) and decode
+like it (`init_cache`, `cache=`): MoA's KV cache holds the shared rotated
+keys and values only, as grouped-query attention's with K heads;
+SwitchHead's holds each head's rotated keys and its values already mixed
+by the key token's own gates (N heads, not N * E). The experts are computed densely and masked
 (E query projections / E value and output projections per token), which is
 exact and simple; the FLOP savings
 of the papers need a gather-based kernel. They report no auxiliary loss
@@ -304,13 +305,31 @@ class SwitchHeadAttention(_RoutedAttention):
                                        x_BLM.astype(jnp.float32), w_MNE[...]))
     return jnp.where(top_k_mask(s_BLNE, self.k), s_BLNE, 0.0)
 
+  def init_cache(self, batch, max_length):
+    """An empty LayerCache (moejax.layers.kv_cache) of each head's rotated
+    keys and *mixed* values, {'k', 'v': [B, T, N, D]} with T = max_length:
+    a key token's value mixture depends on that token alone (its own
+    sigmoid gates), so it is cached mixed, not per expert; the output
+    gates act on each query token alone and need nothing cached."""
+    shape = ((self.num_heads, self.head_dim), self.dtype)
+    return kv_cache.init(batch, max_length, {"k": shape, "v": shape})
+
   def __call__(self, x_BLM, *, padding_mask_BL=None, segment_ids_BL=None,
-               positions_BL=None):
-    """<float>[B, L, M] -> <dtype>[B, L, M]."""
+               positions_BL=None, cache=None):
+    """<float>[B, L, M] -> <dtype>[B, L, M].
+
+    Args as MultiHeadAttention: with a LayerCache (init_cache) the queries
+    also read the cached keys (causality then follows positions_BL, which
+    is required) and the result is (y_BLM, the cache with the new keys).
+    """
     b, l, _ = x_BLM.shape
     dt = self.dtype
     x_BLM = x_BLM.astype(dt)
     w = lambda p: p[...].astype(dt)
+    if cache is not None and (positions_BL is None or
+                              segment_ids_BL is not None):
+      raise ValueError("decoding with a cache needs positions_BL and no "
+                       "segment_ids_BL (one sequence per row)")
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
     q_BLND = self._rope(jnp.einsum("BLM,MND->BLND", x_BLM, w(self.w_q_MND)),
@@ -320,13 +339,22 @@ class SwitchHeadAttention(_RoutedAttention):
     sv_BJNE = self.gates(x_BLM, self.w_sv_MNE).astype(dt)
     v_BJND = jnp.einsum("BJM,NEMD,BJNE->BJND", x_BLM, w(self.w_v_NEMD),
                         sv_BJNE)
-    mask_BLJ = attention_mask(b, l, causal=self.causal,
-                              padding_mask_BL=padding_mask_BL,
-                              segment_ids_BL=segment_ids_BL)
+    if cache is None:
+      mask_BLJ = attention_mask(b, l, causal=self.causal,
+                                padding_mask_BL=padding_mask_BL,
+                                segment_ids_BL=segment_ids_BL)
+    else:
+      entries, k_positions_BJ, cache = kv_cache.extend(
+          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL)
+      k_BJND, v_BJND = entries["k"], entries["v"]
+      mask_BLJ = attention_lib.attention_mask(
+          positions_BL, k_positions_BJ, causal=self.causal,
+          key_mask_BJ=k_positions_BJ >= 0)
     o_BLND = _softmax_attend(q_BLND, k_BJND, v_BJND, mask_BLJ, self.head_dim)
     so_BLNE = self.gates(x_BLM, self.w_so_MNE).astype(dt)
-    return jnp.einsum("BLND,NEDM,BLNE->BLM", o_BLND, w(self.w_o_NEDM),
-                      so_BLNE)
+    y_BLM = jnp.einsum("BLND,NEDM,BLNE->BLM", o_BLND, w(self.w_o_NEDM),
+                       so_BLNE)
+    return y_BLM if cache is None else (y_BLM, cache)
 
 
 def _replace_attention(model, make, every):

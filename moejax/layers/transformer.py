@@ -319,7 +319,7 @@ class TransformerBlock(nnx.Module):
     LayerCache, (that, the cache with the new keys)."""
     x_BLM = x_BLM.astype(self.dtype)
     # Only decoding passes a cache: an attention that cannot decode (a
-    # wrapper's, e.g. SwitchHead) still trains.
+    # user's wrapper without init_cache) still trains.
     decode = {} if cache is None else {"cache": cache}
     h_BLM = self.attention(
         self.attention_norm(x_BLM), padding_mask_BL=padding_mask_BL,
