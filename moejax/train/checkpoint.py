@@ -12,7 +12,8 @@ Orbax writes each step into a temporary directory and renames it into place
 when every item is complete, so a step directory that exists is complete; a
 crash mid-save leaves only a temporary directory that is never listed as a
 step (and is deleted when the next Checkpointer opens the directory).
-`max_to_keep` old steps are kept.
+The newest `max_to_keep` steps are kept; older ones are deleted only once a
+newer save is known to be complete, so a failed save never costs one.
 
 Every save also records in `meta` a fingerprint of each array of the state
 (a position-weighted uint32 sum of its bits, computed on the devices), a
@@ -36,6 +37,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import time
 
 from absl import logging
@@ -52,6 +54,8 @@ from moejax.train.errors import CheckpointSaveError
 
 STATE, DATA, META = "state", "data", "meta"
 CORRUPT_SUFFIX = ".corrupt"
+# An old step being deleted: never listed as a step (see Checkpointer._delete).
+_DELETED = ".orbax-checkpoint-tmp-deleted-"
 
 
 class CorruptCheckpointError(ValueError):
@@ -185,11 +189,15 @@ class Checkpointer:
     self.directory = os.path.abspath(directory)
     # Steps restore_latest found unreadable: left in place, never saved over.
     self._kept = set()
+    self._policy = _KeepLatestAndUnreadable(
+        max_to_keep, self._kept, self.step_path)
     options = ocp.CheckpointManagerOptions(
-        # max_to_keep, except that a step that cannot be read is never
-        # deleted (it may be intact; see _KeepLatestAndUnreadable).
-        preservation_policy=_KeepLatestAndUnreadable(
-            max_to_keep, self._kept, self.step_path),
+        # Orbax keeps every step: it decides what to delete when a save
+        # starts and deletes it even when that save then fails (its
+        # finalize only logs the error), so a full disk would also cost an
+        # old checkpoint. Old steps are deleted by _collect instead, once a
+        # save is known to be complete.
+        preservation_policy=ocp.checkpoint_managers.LatestN(n=None),
         create=not read_only,
         read_only=read_only,
         enable_async_checkpointing=async_save,
@@ -269,6 +277,41 @@ class Checkpointer:
       self.manager.check_for_errors()
     except Exception as e:  # pylint: disable=broad-except
       raise self._save_error(step, e) from e
+    if step is not None:
+      self._collect(step)
+
+  def _collect(self, saved):
+    """Deletes the steps max_to_keep no longer keeps, once step `saved` is
+    complete on disk; never a step in _kept or one that cannot be read (see
+    _KeepLatestAndUnreadable).
+
+    Only process 0 deletes, without a barrier: check() may get here on one
+    process and not yet on another. Each old step is first renamed to a
+    temporary name, so a crash mid-delete leaves a directory that is never
+    listed as a step, and the next Checkpointer to open removes it.
+    """
+    self.manager.reload()
+    steps = self.all_steps()
+    if saved not in steps:  # the save did not land: delete nothing
+      return
+    infos = [_StepInfo(s) for s in steps]
+    keep = self._policy.should_preserve(infos, context=None)
+    if jax.process_index() == 0:
+      for info, kept in zip(infos, keep):
+        if not kept:
+          self._delete(info.step)
+    self.manager.reload()
+
+  def _delete(self, step):
+    path = self.step_path(step)
+    doomed = f"{path}{_DELETED}{time.time_ns()}"
+    try:
+      os.rename(path, doomed)
+      shutil.rmtree(doomed)
+    except OSError as e:
+      # An old step that cannot be deleted is only kept longer.
+      logging.warning("could not delete old checkpoint step %d: %s", step,
+                      describe_error(e))
 
   def check(self):
     """Raises CheckpointSaveError if the async save in flight has already
@@ -444,18 +487,26 @@ def _log_skip(step, reason, moved_to):
                     reason, moved_to)
 
 
+class _StepInfo:
+  """What _KeepLatestAndUnreadable reads of an orbax CheckpointInfo."""
+
+  def __init__(self, step):
+    self.step = step
+
+
 class _KeepLatestAndUnreadable:
-  """An orbax PreservationPolicy: the newest `n` steps (all when n is None),
-  and any step in `kept` or that cannot be read (it may be intact, and
-  deleting it would fail anyway)."""
+  """Which steps to keep (orbax's PreservationPolicy API): the newest `n`
+  steps (all when n is None), and any step in `kept` or that cannot be read
+  (it may be intact, and deleting it would fail anyway)."""
 
   def __init__(self, n, kept, step_path):
     self.n, self.kept, self.step_path = n, kept, step_path
 
   def should_preserve(self, checkpoints, *, context):
-    latest = ocp.checkpoint_managers.LatestN(n=self.n).should_preserve(
-        checkpoints, context=context)
-    return [bool(keep) or c.step in self.kept
+    del context
+    first_kept = 0 if self.n is None else len(checkpoints) - self.n
+    latest = [i >= first_kept for i in range(len(checkpoints))]
+    return [keep or c.step in self.kept
             or _first_unreadable(self.step_path(c.step)) is not None
             for keep, c in zip(latest, checkpoints)]
 

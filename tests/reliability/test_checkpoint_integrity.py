@@ -267,3 +267,29 @@ def test_unwritable_directory_is_a_clear_save_error(tmp_path):
   assert "the newest complete checkpoint is step 1" in text
   assert "Nothing partial is listed as a checkpoint" in text
   assert isinstance(info.value, OSError)
+
+
+def test_old_steps_are_deleted_only_after_a_newer_save_completes(tmp_path):
+  # max_to_keep=2 over steps 1..3: step 1 outlives the save of step 3 in
+  # flight (a save that then fails must not cost it: orbax alone deletes
+  # it even then), and goes once step 3 is complete.
+  directory = tmp_path / "checkpoints"
+  listed = lambda: sorted(os.listdir(directory))
+  ck = ckpt_lib.Checkpointer(str(directory), max_to_keep=2)
+  for step in (1, 2):
+    ck.save(step, make_state(step))
+    ck.wait()
+  ck.save(3, make_state(3))
+  assert "1" in listed()
+  ck.wait()
+  assert listed() == ["2", "3"]
+  # A delete that a crash interrupted leaves a temporary name: never a
+  # step, and removed by the next Checkpointer (orbax's cleanup of
+  # temporary directories, finished by its first save).
+  os.rename(directory / "2", directory / f"2{ckpt_lib._DELETED}1")
+  ck.close()
+  ck = ckpt_lib.Checkpointer(str(directory), max_to_keep=2)
+  assert ck.all_steps() == [3]
+  ck.save(4, make_state(4))
+  ck.close()
+  assert listed() == ["3", "4"]
