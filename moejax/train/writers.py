@@ -128,10 +128,13 @@ class TensorBoardWriter:
   def __init__(self, logdir):
     os.makedirs(logdir, exist_ok=True)
     TensorBoardWriter._count += 1
-    # tensorboardX names the file events.out.tfevents.<time>.<host><suffix>.
+    # tensorboardX names the file events.out.tfevents.<time>.<host><suffix>,
+    # <time> in whole seconds, and TensorBoard reads the files in name
+    # order: a nanosecond clock first in the suffix keeps two files of the
+    # same second in creation order (a resumed run's START must come last).
     self._writer = event_file_writer.EventsWriter(
         os.path.join(logdir, "events"),
-        f".{os.getpid()}.{TensorBoardWriter._count}")
+        f".{time.time_ns():020d}.{os.getpid()}.{TensorBoardWriter._count}")
     self.path = self._writer._file_name  # pylint: disable=protected-access
     self._writer.flush()
 

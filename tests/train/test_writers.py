@@ -36,9 +36,12 @@ def test_scalars_and_lists_round_trip(tmp_path):
       "train/moe/layer1/x/1": [(1, 0.75)]}
 
 
-def test_a_resumed_run_hides_the_steps_it_redoes(tmp_path):
+def test_a_resumed_run_hides_the_steps_it_redoes(tmp_path, monkeypatch):
   """Two writers, two files; the second's SessionLog START at step 2 makes
   TensorBoard drop the first file's steps >= 2."""
+  # The 9th and 10th writer of a process within one second: TensorBoard
+  # reads files in name order, and '.10' sorts before '.9'.
+  monkeypatch.setattr(writers.TensorBoardWriter, "_count", 8)
   w = writers.TensorBoardWriter(str(tmp_path))
   for step in (1, 2, 3):
     w.write(step, {"train/loss": 10.0 + step})
