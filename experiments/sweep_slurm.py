@@ -139,22 +139,26 @@ def run_sweep_slurm(runs, executor, *, log=print, on_change=None,
   path = os.environ.get("PYTHONPATH", "")
   if REPO not in path.split(os.pathsep):
     os.environ["PYTHONPATH"] = REPO + (os.pathsep + path if path else "")
-  jobs = executor.map_array(train_job, [r.argv for r in queue],
-                            [r.workdir for r in queue])
-  for run, job in zip(queue, jobs):
-    with open(os.path.join(run.workdir, "slurm_job.txt"), "a") as f:
-      f.write(f"{job.job_id}\n")
-    log(f"[sweep] submitted {run.name} as job {job.job_id}")
   stop = []
 
   def handler(signum, frame):
     del frame
     stop.append(signum)
 
+  # Installed before submitting: a process started with SIGINT ignored
+  # (`nohup ... &` from a script) passes SIG_IGN on to submitit's local
+  # job controllers, which then ignore the SIGINT that cancels them; a
+  # handled signal is reset to the default in a new program instead.
   old = {s: signal.signal(s, handler) for s in (signal.SIGTERM,
                                                  signal.SIGINT)}
-  pending = dict(zip([r.name for r in queue], zip(queue, jobs)))
   try:
+    jobs = executor.map_array(train_job, [r.argv for r in queue],
+                              [r.workdir for r in queue])
+    for run, job in zip(queue, jobs):
+      with open(os.path.join(run.workdir, "slurm_job.txt"), "a") as f:
+        f.write(f"{job.job_id}\n")
+      log(f"[sweep] submitted {run.name} as job {job.job_id}")
+    pending = dict(zip([r.name for r in queue], zip(queue, jobs)))
     while pending and not stop:
       time.sleep(poll_s)
       for name, (run, job) in list(pending.items()):

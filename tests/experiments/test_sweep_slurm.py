@@ -101,7 +101,8 @@ def test_a_failing_run_is_reported_with_its_exit_status(tmp_path):
 @pytest.mark.slow
 def test_sigterm_cancels_the_jobs_which_save_and_resume(tmp_path):
   """SIGTERM to the sweep cancels its array: the training gets SIGTERM,
-  saves the step it reached and exits; the same command resumes it."""
+  saves the step it reached and exits; the same command resumes it. Also
+  when the sweep was started with SIGINT ignored."""
   import signal  # pylint: disable=g-import-not-at-top
   import time  # pylint: disable=g-import-not-at-top
   env = dict(os.environ, JAX_PLATFORMS="cpu",
@@ -114,8 +115,12 @@ def test_sigterm_cancels_the_jobs_which_save_and_resume(tmp_path):
          "--nofile_grid", "--sweep.seed=0", "--config.num_train_steps=5000",
          "--config.checkpoint_every=5000", "--config.eval_every=0",
          "--launcher=slurm", "--slurm_cluster=local"]
+  # Started with SIGINT ignored, as `nohup ... &` from a script starts it
+  # (submitit's local cancel is a SIGINT to the job's controller).
   proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True)
+                          stderr=subprocess.STDOUT, text=True,
+                          preexec_fn=lambda: signal.signal(
+                              signal.SIGINT, signal.SIG_IGN))
   log = sweep_dir / "seed=0" / "train.log"
   deadline = time.monotonic() + 300
   while not (log.exists() and "/5000 [" in log.read_text()):
