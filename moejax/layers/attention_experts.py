@@ -20,10 +20,10 @@ Both are drop-in replacements of MultiHeadAttention (same call) and decode
 like it (`init_cache`, `cache=`): MoA's KV cache holds the shared rotated
 keys and values only, as grouped-query attention's with K heads;
 SwitchHead's holds each head's rotated keys and its values already mixed
-by the key token's own gates (N heads, not N * E). The experts are computed densely and masked
-(E query projections / E value and output projections per token), which is
-exact and simple; the FLOP savings
-of the papers need a gather-based kernel. They report no auxiliary loss
+by the key token's own gates (N heads, not N * E). The experts are computed
+densely and masked (E query projections / E value and output projections
+per token), which is exact and simple; the FLOP savings of the papers need
+a gather-based kernel. They report no auxiliary loss
 (SwitchHead trains without one; MoA's balance loss would need the block to
 return the attention's aux; MoAAttention.router_logits gives its logits).
 
@@ -48,19 +48,6 @@ from moejax.layers import kv_cache
 from moejax.layers import params as params_lib
 from moejax.layers import transformer as tfm
 from moejax.routing import validation
-
-
-def attention_mask(b, l, *, causal, padding_mask_BL=None, segment_ids_BL=None):
-  """<bool>[B, L, J]: which key j query l attends (as MultiHeadAttention)."""
-  mask_BLJ = jnp.ones((b, l, l), jnp.bool_)
-  if causal:
-    mask_BLJ = mask_BLJ & jnp.tril(jnp.ones((l, l), jnp.bool_))[None]
-  if padding_mask_BL is not None:
-    mask_BLJ = mask_BLJ & padding_mask_BL.astype(jnp.bool_)[:, None, :]
-  if segment_ids_BL is not None:
-    mask_BLJ = mask_BLJ & (segment_ids_BL[:, :, None] ==
-                           segment_ids_BL[:, None, :])
-  return mask_BLJ
 
 
 def top_k_mask(scores_XE, k):
@@ -240,12 +227,10 @@ class MoAAttention(_RoutedAttention):
           index_BL, index_BL, causal=self.causal,
           key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
     else:
-      entries, k_positions_BJ, cache = kv_cache.extend(
-          cache, {"k": k_BJKD, "v": v_BJKD}, positions_BL, padding_mask_BL)
+      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
+          cache, {"k": k_BJKD, "v": v_BJKD}, positions_BL, padding_mask_BL,
+          causal=self.causal)
       k_BJKD, v_BJKD = entries["k"], entries["v"]
-      mask_BLJ = attention_lib.attention_mask(
-          positions_BL, k_positions_BJ, causal=self.causal,
-          key_mask_BJ=k_positions_BJ >= 0)
     o_BLKED = attention_lib.attend(q_BLND, k_BJKD, v_BJKD, mask_BLJ,
                                    scale=d ** -0.5).reshape(b, l, kv, e, d)
     g_BLE = self.gates(x_BLM).astype(self.dtype)
@@ -340,16 +325,16 @@ class SwitchHeadAttention(_RoutedAttention):
     v_BJND = jnp.einsum("BJM,NEMD,BJNE->BJND", x_BLM, w(self.w_v_NEMD),
                         sv_BJNE)
     if cache is None:
-      mask_BLJ = attention_mask(b, l, causal=self.causal,
-                                padding_mask_BL=padding_mask_BL,
-                                segment_ids_BL=segment_ids_BL)
-    else:
-      entries, k_positions_BJ, cache = kv_cache.extend(
-          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL)
-      k_BJND, v_BJND = entries["k"], entries["v"]
+      # Causality by index (positions_BL may restart within a packed row).
+      index_BL = attention_lib.default_positions(b, l)
       mask_BLJ = attention_lib.attention_mask(
-          positions_BL, k_positions_BJ, causal=self.causal,
-          key_mask_BJ=k_positions_BJ >= 0)
+          index_BL, index_BL, causal=self.causal,
+          key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+    else:
+      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
+          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL,
+          causal=self.causal)
+      k_BJND, v_BJND = entries["k"], entries["v"]
     o_BLND = _softmax_attend(q_BLND, k_BJND, v_BJND, mask_BLJ, self.head_dim)
     so_BLNE = self.gates(x_BLM, self.w_so_MNE).astype(dt)
     y_BLM = jnp.einsum("BLND,NEDM,BLNE->BLM", o_BLND, w(self.w_o_NEDM),

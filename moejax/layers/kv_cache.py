@@ -12,7 +12,9 @@ the maximum length that is slot p; with T a sliding window W it is a rolling
 buffer that keeps the last W positions, all that such a layer reads. One call
 `extend(cache, entries, positions_BL, valid_BL)` gives the keys a layer
 attends to (the cached ones, then the new ones) and the cache with the new
-ones written; padding (valid False) is never written.
+ones written; padding (valid False) is never written. `extend_with_mask`
+also gives the mask of the new queries over those keys, built from positions
+as without a cache: what every attention layer does at decode.
 
 Letters: B batch, T cache slots, L new tokens, J = T + L keys.
 """
@@ -20,6 +22,8 @@ Letters: B batch, T cache slots, L new tokens, J = T + L keys.
 import flax.struct
 import jax
 import jax.numpy as jnp
+
+from moejax.layers import attention
 
 
 @flax.struct.dataclass
@@ -93,3 +97,21 @@ def extend(cache, entries, positions_BL, valid_BL=None):
   pos_BT = cache.pos_BT.at[rows_BL, slot_BL].set(new_pos_BL, mode="drop")
   return all_entries, k_positions_BJ, LayerCache(entries=written,
                                                  pos_BT=pos_BT)
+
+
+def extend_with_mask(cache, entries, positions_BL, valid_BL=None, *,
+                     causal=True, sliding_window=None):
+  """extend(), then which cached and new keys each new query may read.
+
+  Args:
+    as extend(); causal and sliding_window as attention.attention_mask.
+  Returns:
+    (all_entries {name: [B, T + L, ...]}, mask_BLJ <bool>[B, L, T + L]
+    (empty slots and padding never read), new cache).
+  """
+  all_entries, k_positions_BJ, cache = extend(cache, entries, positions_BL,
+                                              valid_BL)
+  mask_BLJ = attention.attention_mask(
+      positions_BL, k_positions_BJ, causal=causal,
+      key_mask_BJ=k_positions_BJ >= 0, sliding_window=sliding_window)
+  return all_entries, mask_BLJ, cache

@@ -214,12 +214,10 @@ class MultiHeadAttention(nnx.Module):
       if positions_BL is None or segment_ids_BL is not None:
         raise ValueError("decoding with a cache needs positions_BL and no "
                          "segment_ids_BL (one sequence per row)")
-      entries, k_positions_BJ, cache = kv_cache.extend(
-          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL)
+      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
+          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL,
+          causal=self.causal)
       k_BJND, v_BJND = entries["k"], entries["v"]
-      mask_BLJ = attention_lib.attention_mask(
-          positions_BL, k_positions_BJ, causal=self.causal,
-          key_mask_BJ=k_positions_BJ >= 0)
     out_BLND = attention_lib.attend(q_BLND, k_BJND, v_BJND, mask_BLJ,
                                     scale=self.head_dim ** -0.5)
     y_BLM = jnp.einsum("BLND,NDM->BLM", out_BLND, w(self.w_o_NDM))

@@ -158,25 +158,41 @@ def test_moa_bad_new_options_name_themselves(kwargs, option, words):
   assert err.value.option == option and "\n" not in str(err.value)
 
 
-@pytest.mark.parametrize("num_kv_heads", [None, 2])
-def test_moa_cached_steps_equal_the_full_call(num_kv_heads):
+def _moa(num_kv_heads):
+  return ae.MoAAttention(M, num_experts=4, k=2, head_dim=4,
+                         num_kv_heads=num_kv_heads, output_bias=True,
+                         rngs=nnx.Rngs(0))
+
+
+def _switchhead():
+  return ae.SwitchHeadAttention(M, num_heads=2, num_experts=4, k=2,
+                                head_dim=4, rngs=nnx.Rngs(0))
+
+
+# What each cache holds per slot: MoA's K shared heads (not E * K), and
+# SwitchHead's N heads of values already mixed by the key token's gates
+# (not N * E).
+@pytest.mark.parametrize("make, entry, shape_BTKD", [
+    (lambda: _moa(None), "k", (2, 6, 1, 4)),
+    (lambda: _moa(2), "k", (2, 6, 2, 4)),
+    (_switchhead, "v", (2, 6, 2, 4)),
+], ids=["moa", "moa_2_kv_heads", "switchhead"])
+def test_cached_steps_equal_the_full_call(make, entry, shape_BTKD):
   # (B=2, L=6, M=8, E=4, k=2, D=4), row 1 left-padded by 2: a prefill of 3
   # tokens, then 3 single-token steps against the cache, equal the full
-  # call at every real token. The cache holds K shared heads, not E * K.
+  # call at every real token.
   from moejax.inference import decoding  # pylint: disable=g-import-not-at-top
-  moa = ae.MoAAttention(M, num_experts=4, k=2, head_dim=4,
-                        num_kv_heads=num_kv_heads, output_bias=True,
-                        rngs=nnx.Rngs(0))
+  layer = make()
   x = jax.random.normal(jax.random.key(4), (2, 6, M))
   mask_BL = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
   pos_BL = decoding.prompt_positions(mask_BL)
-  full = moa(x, padding_mask_BL=mask_BL, positions_BL=pos_BL)
-  cache = moa.init_cache(2, 6)
-  assert cache.entries["k"].shape == (2, 6, num_kv_heads or 1, 4)
+  full = layer(x, padding_mask_BL=mask_BL, positions_BL=pos_BL)
+  cache = layer.init_cache(2, 6)
+  assert cache.entries[entry].shape == shape_BTKD
   steps = []
   for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 6)]:
-    y, cache = moa(x[:, lo:hi], padding_mask_BL=mask_BL[:, lo:hi],
-                   positions_BL=pos_BL[:, lo:hi], cache=cache)
+    y, cache = layer(x[:, lo:hi], padding_mask_BL=mask_BL[:, lo:hi],
+                     positions_BL=pos_BL[:, lo:hi], cache=cache)
     steps.append(y)
   got = jnp.concatenate(steps, axis=1)
   np.testing.assert_allclose(np.asarray(got)[np.asarray(mask_BL)],
@@ -185,62 +201,18 @@ def test_moa_cached_steps_equal_the_full_call(num_kv_heads):
   np.testing.assert_array_equal(cache.pos_BT, [[0, 1, 2, 3, 4, 5],
                                                [0, 1, 2, 3, -1, -1]])
   with pytest.raises(ValueError, match="needs positions_BL"):
-    moa(x, cache=moa.init_cache(2, 6))
+    layer(x, cache=layer.init_cache(2, 6))
 
 
-def test_switchhead_cached_steps_equal_the_full_call():
-  # (B=2, L=6, M=8, N=2 heads, E=4, k=2, D=4), row 1 left-padded by 2: a
-  # prefill of 3 tokens, then 3 single-token steps, equal the full call at
-  # every real token. The cache holds N heads of mixed values, not N * E.
-  from moejax.inference import decoding  # pylint: disable=g-import-not-at-top
-  sh = ae.SwitchHeadAttention(M, num_heads=2, num_experts=4, k=2, head_dim=4,
-                              rngs=nnx.Rngs(0))
-  x = jax.random.normal(jax.random.key(5), (2, 6, M))
-  mask_BL = jnp.array([[1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1]], bool)
-  pos_BL = decoding.prompt_positions(mask_BL)
-  full = sh(x, padding_mask_BL=mask_BL, positions_BL=pos_BL)
-  cache = sh.init_cache(2, 6)
-  assert cache.entries["v"].shape == (2, 6, 2, 4)
-  steps = []
-  for lo, hi in [(0, 3), (3, 4), (4, 5), (5, 6)]:
-    y, cache = sh(x[:, lo:hi], padding_mask_BL=mask_BL[:, lo:hi],
-                  positions_BL=pos_BL[:, lo:hi], cache=cache)
-    steps.append(y)
-  got = jnp.concatenate(steps, axis=1)
-  np.testing.assert_allclose(np.asarray(got)[np.asarray(mask_BL)],
-                             np.asarray(full)[np.asarray(mask_BL)],
-                             rtol=1e-5, atol=1e-6)
-  np.testing.assert_array_equal(cache.pos_BT, [[0, 1, 2, 3, 4, 5],
-                                               [0, 1, 2, 3, -1, -1]])
-  with pytest.raises(ValueError, match="needs positions_BL"):
-    sh(x, cache=sh.init_cache(2, 6))
-
-
-def test_own_lm_with_switchhead_decodes_as_a_full_recompute():
-  # DecoderLM (V=13, M=8, 2 layers) with SwitchHead attention: each greedy
-  # step of a left-padded batch is the argmax of one causal recompute.
+@pytest.mark.parametrize("wrapper", ["moa", "switchhead"])
+def test_own_lm_with_attention_experts_decodes_as_a_full_recompute(wrapper):
+  # DecoderLM (V=13, M=8, 2 layers) with MoA or SwitchHead attention: each
+  # greedy step of a left-padded batch is the argmax of one causal
+  # recompute.
   from moejax import inference  # pylint: disable=g-import-not-at-top
   from moejax.inference import decoding  # pylint: disable=g-import-not-at-top
   model = models.DecoderLM(13, M, 2, 2, 16, rngs=nnx.Rngs(0),
-                           wrappers={"switchhead": {"num_experts": 4, "k": 2}})
-  prompt_BL = np.array([[3, 1, 4, 1], [0, 0, 9, 2]], np.int32)
-  mask_BL = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], bool)
-  out_BT = np.asarray(inference.generate(model, prompt_BL, max_new_tokens=6,
-                                         padding_mask_BL=mask_BL))
-  m_BT = np.concatenate([mask_BL, np.ones((2, 6), bool)], axis=1)
-  pos_BT = decoding.prompt_positions(jnp.asarray(m_BT))
-  logits_BTV, _ = model(out_BT, padding_mask_BL=m_BT, positions_BL=pos_BT)
-  np.testing.assert_array_equal(np.argmax(logits_BTV[:, 3:-1], -1),
-                                out_BT[:, 4:])
-
-
-def test_own_lm_with_moa_decodes_as_a_full_recompute():
-  # DecoderLM (V=13, M=8, 2 layers) with MoA attention: each greedy step of
-  # a left-padded batch is the argmax of one causal recompute.
-  from moejax import inference  # pylint: disable=g-import-not-at-top
-  from moejax.inference import decoding  # pylint: disable=g-import-not-at-top
-  model = models.DecoderLM(13, M, 2, 2, 16, rngs=nnx.Rngs(0),
-                           wrappers={"moa": {"num_experts": 4, "k": 2}})
+                           wrappers={wrapper: {"num_experts": 4, "k": 2}})
   prompt_BL = np.array([[3, 1, 4, 1], [0, 0, 9, 2]], np.int32)
   mask_BL = np.array([[1, 1, 1, 1], [0, 0, 1, 1]], bool)
   out_BT = np.asarray(inference.generate(model, prompt_BL, max_new_tokens=6,

@@ -127,6 +127,29 @@ def test_kv_cache_extend_by_hand():
   np.testing.assert_array_equal(after.pos_BT, cache.pos_BT)
 
 
+
+def test_kv_cache_extend_with_mask_by_hand():
+  # B=1, T=4 slots holding positions 0, 1 (slots 2, 3 empty), then L=2 new
+  # tokens at positions 2, 3: J = T + L = 6 keys at positions
+  # [0, 1, -1, -1, 2, 3]; empty slots are never read.
+  cache = kv_cache.init(1, 4, {"k": ((1,), jnp.float32)})
+  _, _, cache = kv_cache.extend(cache, {"k": jnp.ones((1, 2, 1))},
+                                jnp.array([[0, 1]]))
+  new = {"k": jnp.ones((1, 2, 1))}
+  pos_BL = jnp.array([[2, 3]])
+  _, mask_BLJ, _ = kv_cache.extend_with_mask(cache, new, pos_BL)
+  np.testing.assert_array_equal(mask_BLJ[0], [[1, 1, 0, 0, 1, 0],
+                                              [1, 1, 0, 0, 1, 1]])
+  # A sliding window of W=2: position p reads p - 1 and p only.
+  _, mask_BLJ, _ = kv_cache.extend_with_mask(cache, new, pos_BL,
+                                             sliding_window=2)
+  np.testing.assert_array_equal(mask_BLJ[0], [[0, 1, 0, 0, 1, 0],
+                                              [0, 0, 0, 0, 1, 1]])
+  # Not causal (an encoder's cache): every written key, past or future.
+  _, mask_BLJ, _ = kv_cache.extend_with_mask(cache, new, pos_BL,
+                                             causal=False)
+  np.testing.assert_array_equal(mask_BLJ[0], [[1, 1, 0, 0, 1, 1]] * 2)
+
 def test_sampling_is_seeded_and_stops():
   model = load("olmoe")
   prompt = np.array([[1, 40, 7, 99]], np.int32)

@@ -123,14 +123,15 @@ class GQAttention(nnx.Module):
     and the result is (y_BLM, cache with the new keys written).
     """
     q, k, v = self.project(x_BLM, positions_BL)
-    k_positions_BJ, key_mask_BJ = positions_BL, key_mask_BL
-    if cache is not None:
-      entries, k_positions_BJ, cache = kv_cache.extend(
-          cache, {"k": k, "v": v}, positions_BL, key_mask_BL)
-      k, v, key_mask_BJ = entries["k"], entries["v"], k_positions_BJ >= 0
-    mask_BLJ = core.attention_mask(positions_BL, k_positions_BJ,
-                                   key_mask_BJ=key_mask_BJ,
-                                   sliding_window=self.window)
+    if cache is None:
+      mask_BLJ = core.attention_mask(positions_BL, positions_BL,
+                                     key_mask_BJ=key_mask_BL,
+                                     sliding_window=self.window)
+    else:
+      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
+          cache, {"k": k, "v": v}, positions_BL, key_mask_BL,
+          sliding_window=self.window)
+      k, v = entries["k"], entries["v"]
     sinks = None if self.sinks_N is None else self.sinks_N[...]
     out_BLND = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale,
                            sinks_N=sinks)
@@ -247,16 +248,15 @@ class MLAttention(nnx.Module):
     (y_BLM, cache with the new latents written)."""
     q = self.queries(x_BLM, positions_BL)
     latent, k_rot = self.compress(x_BLM, positions_BL)
-    k_positions_BJ, key_mask_BJ = positions_BL, key_mask_BL
-    if cache is not None:
-      entries, k_positions_BJ, cache = kv_cache.extend(
+    if cache is None:
+      mask_BLJ = core.attention_mask(positions_BL, positions_BL,
+                                     key_mask_BJ=key_mask_BL)
+    else:
+      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
           cache, {"latent": latent, "k_rot": k_rot}, positions_BL,
           key_mask_BL)
       latent, k_rot = entries["latent"], entries["k_rot"]
-      key_mask_BJ = k_positions_BJ >= 0
     k, v = self.expand(latent, k_rot)
-    mask_BLJ = core.attention_mask(positions_BL, k_positions_BJ,
-                                   key_mask_BJ=key_mask_BJ)
     out = core.attend(q, k, v, mask_BLJ, scale=self.spec.scale)
     y = jnp.einsum("BLNV,NVM->BLM", out, self.w_o_NVM[...].astype(self.dtype))
     if self.b_o_M is not None:
