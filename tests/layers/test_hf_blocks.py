@@ -544,8 +544,8 @@ def test_jetmoe_attention_loader_names_bad_tensors_and_rope():
                      r"has shape \(4, 16, 32\); this config needs \(4, 24, 32\)"):
     jetmoe.load_jetmoe_attention(dict(fields, num_key_value_heads=3),
                                  tensors)
-  with pytest.raises(UnsupportedConfig, match="rope_type='linear' over 8 of 8 "
-                     "features is not supported for JetMoE attention"):
+  with pytest.raises(UnsupportedConfig, match="supports only the default "
+                     "full-width RoPE, got 'linear' over 8 of 8 features"):
     jetmoe.load_jetmoe_attention(dict(fields, rope_parameters={
         "rope_type": "linear", "rope_theta": 1000.0, "factor": 2.0}), tensors)
   loaded = jetmoe.load_jetmoe_attention(

@@ -485,13 +485,10 @@ def parse_glm4_moe(f):
               ffn_kinds=kinds, windows=(None,) * c["num_layers"])
 
 
-def parse_jetmoe(f):
-  """JetMoE: MoA attention (top-k of E experts' query/output projections
-  over K shared key/value heads, output bias) and a MoE FFN with fused
-  gate/up experts and an output bias."""
-  f.only("activation_function", ("silu",), "silu")
-  c = _common(f)
-  f.get("aux_loss_coef")  # training only
+def jetmoe_attention(f):
+  """(AttentionSpec, RopeSpec) of JetMoE's MoA attention: top-k of E
+  experts' query/output projections over K shared key/value heads, an
+  output bias, the default full-width RoPE (anything else is refused)."""
   e, k = f.need("num_local_experts"), _k(f)
   kv, d = f.need("num_key_value_heads"), f.need("kv_channels")
   n = f.get("num_attention_heads", kv * k)
@@ -506,7 +503,17 @@ def parse_jetmoe(f):
     raise UnsupportedConfig("rope_type", rope.kind, (
         f"jetmoe attention supports only the default full-width RoPE, got "
         f"{rope.kind!r} over {rope.dim} of {d} features"))
-  moe = dict(_moe(e, k, f.need("intermediate_size"),
+  return att, rope
+
+
+def parse_jetmoe(f):
+  """JetMoE: MoA attention (jetmoe_attention) and a MoE FFN with fused
+  gate/up experts and an output bias."""
+  f.only("activation_function", ("silu",), "silu")
+  c = _common(f)
+  f.get("aux_loss_coef")  # training only
+  att, rope = jetmoe_attention(f)
+  moe = dict(_moe(att.moa_experts, att.moa_k, f.need("intermediate_size"),
                   {"name": "token_choice", "gating": "topk_softmax"}),
              output_bias=True)
   n_layers = c["num_layers"]

@@ -22,21 +22,15 @@ from moejax.models.hf import mapping
 
 def moa_kwargs(fields):
   """MoAAttention keyword arguments for a JetMoeConfig's fields (a dict as
-  in config.json). Raises UnsupportedConfig for a RoPE other than
-  'default' (MoAAttention's RoPE is the plain RoFormer one)."""
+  in config.json), read by config.jetmoe_attention as from_pretrained reads
+  them. Raises UnsupportedConfig for a RoPE other than the default one over
+  the whole head (MoAAttention's RoPE is the plain RoFormer one)."""
   f = config_lib.Fields(dict(fields, model_type="jetmoe"))
-  head_dim = f.need("kv_channels")
-  rope = config_lib._rope(f, head_dim)  # pylint: disable=protected-access
-  if rope.kind != "default" or rope.dim != head_dim:
-    raise config_lib.UnsupportedConfig(
-        "rope_type", rope.kind, f"rope_type={rope.kind!r} over {rope.dim} of "
-        f"{head_dim} features is not supported for JetMoE attention; "
-        f"supported: 'default' over the whole head")
-  return dict(model_dim=f.need("hidden_size"),
-              num_experts=f.need("num_local_experts"),
-              k=f.get("num_experts_per_tok", 2), head_dim=head_dim,
-              num_kv_heads=f.need("num_key_value_heads"), output_bias=True,
-              causal=True, rope_max_wavelength=rope.theta)
+  att, rope = config_lib.jetmoe_attention(f)
+  return dict(model_dim=f.need("hidden_size"), num_experts=att.moa_experts,
+              k=att.moa_k, head_dim=att.head_dim,
+              num_kv_heads=att.num_kv_heads, output_bias=True, causal=True,
+              rope_max_wavelength=rope.theta)
 
 
 def load_jetmoe_attention(fields, tensors, *, prefix="", dtype=jnp.float32,
