@@ -50,6 +50,16 @@ from moejax.layers import transformer as tfm
 from moejax.routing import validation
 
 
+def attention_mask(b, l, *, causal, padding_mask_BL=None, segment_ids_BL=None):
+  """<bool>[B, L, L]: which key j query l attends without a cache, as
+  MultiHeadAttention: causality by index (positions may restart within a
+  packed row), padding keys and other segments never read."""
+  index_BL = attention_lib.default_positions(b, l)
+  return attention_lib.attention_mask(
+      index_BL, index_BL, causal=causal, key_mask_BJ=padding_mask_BL,
+      segment_ids_BL=segment_ids_BL)
+
+
 def top_k_mask(scores_XE, k):
   """<bool>[..., E]: the k largest scores of each row."""
   _, idx = jax.lax.top_k(scores_XE, k)
@@ -221,11 +231,9 @@ class MoAAttention(_RoutedAttention):
                         positions_BL)
     v_BJKD = jnp.einsum("BJM,MKD->BJKD", x_BLM, w_v_MKD)
     if cache is None:
-      # Causality by index (positions_BL may restart within a packed row).
-      index_BL = attention_lib.default_positions(b, l)
-      mask_BLJ = attention_lib.attention_mask(
-          index_BL, index_BL, causal=self.causal,
-          key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+      mask_BLJ = attention_mask(b, l, causal=self.causal,
+                                padding_mask_BL=padding_mask_BL,
+                                segment_ids_BL=segment_ids_BL)
     else:
       entries, mask_BLJ, cache = kv_cache.extend_with_mask(
           cache, {"k": k_BJKD, "v": v_BJKD}, positions_BL, padding_mask_BL,
@@ -325,11 +333,9 @@ class SwitchHeadAttention(_RoutedAttention):
     v_BJND = jnp.einsum("BJM,NEMD,BJNE->BJND", x_BLM, w(self.w_v_NEMD),
                         sv_BJNE)
     if cache is None:
-      # Causality by index (positions_BL may restart within a packed row).
-      index_BL = attention_lib.default_positions(b, l)
-      mask_BLJ = attention_lib.attention_mask(
-          index_BL, index_BL, causal=self.causal,
-          key_mask_BJ=padding_mask_BL, segment_ids_BL=segment_ids_BL)
+      mask_BLJ = attention_mask(b, l, causal=self.causal,
+                                padding_mask_BL=padding_mask_BL,
+                                segment_ids_BL=segment_ids_BL)
     else:
       entries, mask_BLJ, cache = kv_cache.extend_with_mask(
           cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL,
