@@ -285,22 +285,39 @@ class Checkpointer:
     complete on disk; never a step in _kept or one that cannot be read (see
     _KeepLatestAndUnreadable).
 
-    Only process 0 deletes, without a barrier: check() may get here on one
-    process and not yet on another. Each old step is first renamed to a
-    temporary name, so a crash mid-delete leaves a directory that is never
-    listed as a step, and the next Checkpointer to open removes it.
+    Only process 0 deletes or even lists the directory here, without a
+    barrier: check() may get here on one process and not yet on another,
+    and another process listing the directory while process 0 deletes
+    would find a step gone between its listing and its stat. The others'
+    in-memory listings keep the old steps; nothing reads them there (a
+    restart lists the directory again). Each old step is first renamed to
+    a temporary name, so a crash mid-delete leaves a directory that is
+    never listed as a step, and the next Checkpointer to open removes it.
     """
-    self.manager.reload()
+    if jax.process_index() != 0:
+      return
+    self._reload()
     steps = self.all_steps()
     if saved not in steps:  # the save did not land: delete nothing
       return
     infos = [_StepInfo(s) for s in steps]
     keep = self._policy.should_preserve(infos, context=None)
-    if jax.process_index() == 0:
-      for info, kept in zip(infos, keep):
-        if not kept:
-          self._delete(info.step)
-    self.manager.reload()
+    for info, kept in zip(infos, keep):
+      if not kept:
+        self._delete(info.step)
+    self._reload()
+
+  def _reload(self, attempts=5):
+    """manager.reload(), again when a step vanished between orbax's listing
+    and its stat of the step (process 0 deleting an old one meanwhile)."""
+    for attempt in range(attempts):
+      try:
+        self.manager.reload()
+        return
+      except FileNotFoundError:
+        if attempt == attempts - 1:
+          raise
+        time.sleep(0.05)
 
   def _delete(self, step):
     path = self.step_path(step)
@@ -330,7 +347,7 @@ class Checkpointer:
   def newest(self):
     """'the newest complete checkpoint is step N (path)', read from disk."""
     try:
-      self.manager.reload()
+      self._reload()
       # (not a step that restore_latest could not read)
       steps = [s for s in self.all_steps() if s not in self._kept]
     except Exception:  # pylint: disable=broad-except

@@ -33,7 +33,7 @@ def _free_port():
     return s.getsockname()[1]
 
 
-def _launch(tmp_path, workdir, steps, tag):
+def _launch(tmp_path, workdir, steps, tag, *extra):
   port = _free_port()
   procs = []
   for pid in range(2):
@@ -49,7 +49,8 @@ def _launch(tmp_path, workdir, steps, tag):
       procs.append(subprocess.Popen(
           [sys.executable, "-m", "experiments.train", f"--config={LM}",
            f"--workdir={workdir}", f"--config.num_train_steps={steps}",
-           *FLAGS], cwd=REPO, env=env, stdout=f, stderr=subprocess.STDOUT))
+           *FLAGS, *extra], cwd=REPO, env=env, stdout=f,
+          stderr=subprocess.STDOUT))
   return procs, [tmp_path / f"{tag}{pid}.log" for pid in range(2)]
 
 
@@ -78,17 +79,37 @@ def _steps_logged(workdir):
     return sum(1 for line in f if '"train/loss"' in line)
 
 
-@pytest.mark.slow
-def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
+def _make_data(tmp_path):
+  """Builds the dataset once here, not in two processes at the same time."""
   sys.path.insert(0, REPO)
   from experiments.configs import lm_stdlib  # pylint: disable=g-import-not-at-top
   from moejax.train import loop  # pylint: disable=g-import-not-at-top
-  # Build the dataset once here, not in two processes at the same time.
   config = lm_stdlib.get_config("size=smoke")
   config.data.validation_fraction = 0.25
   config.data.data_dir = str(tmp_path / "data")
   loop.make_datasets(config)
 
+
+@pytest.mark.slow
+def test_two_processes_keep_the_newest_checkpoints(tmp_path):
+  # Saves at 2, 4, 6, 8, 10 with max_to_keep 3: process 0 deletes the old
+  # steps once a newer save is complete, without a barrier; neither process
+  # hangs and nothing half-deleted is left.
+  _make_data(tmp_path)
+  workdir = str(tmp_path / "run")
+  start = time.monotonic()
+  procs, logs = _launch(tmp_path, workdir, 10, "keep",
+                        "--config.checkpoint_every=2",
+                        "--config.max_checkpoints_to_keep=3")
+  rcs, _, tails = _finish(procs, logs, start + DEADLINE_S)
+  assert rcs == [0, 0], tails
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == [
+      "10", "6", "8"], tails
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_all_at_one_saved_step(tmp_path):
+  _make_data(tmp_path)
   workdir = str(tmp_path / "run")
   start = time.monotonic()
   procs, logs = _launch(tmp_path, workdir, 5000, "first")
