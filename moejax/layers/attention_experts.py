@@ -98,6 +98,32 @@ class _RoutedAttention(nnx.Module):
     return tfm.apply_rope(x_BLND, positions_BL,
                           max_wavelength=self.rope_max_wavelength)
 
+  def _positions(self, b, l, positions_BL, segment_ids_BL, cache):
+    """<int32>[B, L] positions (0..L-1 by default); a cache needs given
+    positions and one sequence per row."""
+    if cache is not None and (positions_BL is None or
+                              segment_ids_BL is not None):
+      raise ValueError("decoding with a cache needs positions_BL and no "
+                       "segment_ids_BL (one sequence per row)")
+    if positions_BL is None:
+      return attention_lib.default_positions(b, l)
+    return positions_BL
+
+  def _keys(self, k_BJXD, v_BJXD, positions_BL, padding_mask_BL,
+            segment_ids_BL, cache):
+    """(keys, values, mask_BLJ, cache): without a cache the new tokens and
+    attention_mask over them; with one, the cached keys too
+    (kv_cache.extend_with_mask) and the cache with the new ones written."""
+    if cache is None:
+      b, l = k_BJXD.shape[:2]
+      return k_BJXD, v_BJXD, attention_mask(
+          b, l, causal=self.causal, padding_mask_BL=padding_mask_BL,
+          segment_ids_BL=segment_ids_BL), None
+    entries, mask_BLJ, cache = kv_cache.extend_with_mask(
+        cache, {"k": k_BJXD, "v": v_BJXD}, positions_BL, padding_mask_BL,
+        causal=self.causal)
+    return entries["k"], entries["v"], mask_BLJ, cache
+
 
 def _init(rngs, shape, names, param_dtype, in_axis, out_axis):
   init = nnx.initializers.variance_scaling(
@@ -216,12 +242,8 @@ class MoAAttention(_RoutedAttention):
     x_BLM = x_BLM.astype(self.dtype)
     w_q_EMKD, w_k_MKD, w_v_MKD, w_o_EKDM = self._weights()
     e, kv, d = self.num_experts, w_k_MKD.shape[1], self.head_dim
-    if cache is not None and (positions_BL is None or
-                              segment_ids_BL is not None):
-      raise ValueError("decoding with a cache needs positions_BL and no "
-                       "segment_ids_BL (one sequence per row)")
-    if positions_BL is None:
-      positions_BL = attention_lib.default_positions(b, l)
+    positions_BL = self._positions(b, l, positions_BL, segment_ids_BL,
+                                   cache)
     # Heads N = K * E, kv-major: head (j, e) reads the shared key/value
     # head j, the attention core's grouped-query layout (E query heads per
     # key/value head), so K/V are never copied per expert.
@@ -230,15 +252,8 @@ class MoAAttention(_RoutedAttention):
     k_BJKD = self._rope(jnp.einsum("BJM,MKD->BJKD", x_BLM, w_k_MKD),
                         positions_BL)
     v_BJKD = jnp.einsum("BJM,MKD->BJKD", x_BLM, w_v_MKD)
-    if cache is None:
-      mask_BLJ = attention_mask(b, l, causal=self.causal,
-                                padding_mask_BL=padding_mask_BL,
-                                segment_ids_BL=segment_ids_BL)
-    else:
-      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
-          cache, {"k": k_BJKD, "v": v_BJKD}, positions_BL, padding_mask_BL,
-          causal=self.causal)
-      k_BJKD, v_BJKD = entries["k"], entries["v"]
+    k_BJKD, v_BJKD, mask_BLJ, cache = self._keys(
+        k_BJKD, v_BJKD, positions_BL, padding_mask_BL, segment_ids_BL, cache)
     o_BLKED = attention_lib.attend(q_BLND, k_BJKD, v_BJKD, mask_BLJ,
                                    scale=d ** -0.5).reshape(b, l, kv, e, d)
     g_BLE = self.gates(x_BLM).astype(self.dtype)
@@ -319,12 +334,8 @@ class SwitchHeadAttention(_RoutedAttention):
     dt = self.dtype
     x_BLM = x_BLM.astype(dt)
     w = lambda p: p[...].astype(dt)
-    if cache is not None and (positions_BL is None or
-                              segment_ids_BL is not None):
-      raise ValueError("decoding with a cache needs positions_BL and no "
-                       "segment_ids_BL (one sequence per row)")
-    if positions_BL is None:
-      positions_BL = jnp.broadcast_to(jnp.arange(l), (b, l))
+    positions_BL = self._positions(b, l, positions_BL, segment_ids_BL,
+                                   cache)
     q_BLND = self._rope(jnp.einsum("BLM,MND->BLND", x_BLM, w(self.w_q_MND)),
                         positions_BL)
     k_BJND = self._rope(jnp.einsum("BJM,MND->BJND", x_BLM, w(self.w_k_MND)),
@@ -332,15 +343,8 @@ class SwitchHeadAttention(_RoutedAttention):
     sv_BJNE = self.gates(x_BLM, self.w_sv_MNE).astype(dt)
     v_BJND = jnp.einsum("BJM,NEMD,BJNE->BJND", x_BLM, w(self.w_v_NEMD),
                         sv_BJNE)
-    if cache is None:
-      mask_BLJ = attention_mask(b, l, causal=self.causal,
-                                padding_mask_BL=padding_mask_BL,
-                                segment_ids_BL=segment_ids_BL)
-    else:
-      entries, mask_BLJ, cache = kv_cache.extend_with_mask(
-          cache, {"k": k_BJND, "v": v_BJND}, positions_BL, padding_mask_BL,
-          causal=self.causal)
-      k_BJND, v_BJND = entries["k"], entries["v"]
+    k_BJND, v_BJND, mask_BLJ, cache = self._keys(
+        k_BJND, v_BJND, positions_BL, padding_mask_BL, segment_ids_BL, cache)
     o_BLND = _softmax_attend(q_BLND, k_BJND, v_BJND, mask_BLJ, self.head_dim)
     so_BLNE = self.gates(x_BLM, self.w_so_MNE).astype(dt)
     y_BLM = jnp.einsum("BLND,NEDM,BLNE->BLM", o_BLND, w(self.w_o_NEDM),
